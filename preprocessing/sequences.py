@@ -1,0 +1,209 @@
+"""Per-user sequences: sort, tag splits, encode ids, chunk, serialise.
+
+A user's events are stored once (as columns of one ``tf.train.Example`` per chunk of at most
+``chunk_size`` events); the tf.data reader cuts each target's history window at read time. So
+the output grows with the number of events, not events x L.
+
+Memory per worker for one user of n events: the grouped events (n small tuples), their
+numpy columns (about 40 bytes an event plus ``max_query_tokens`` ids), and one chunk's
+Example at a time (chunk_size + prefix events). It does not grow with L beyond the prefix,
+and serialised examples are yielded chunk by chunk, never all held at once.
+
+A chunk's first ``num_prefix`` events are copies of the previous events, history only, so
+every target in the chunk finds its whole window (up to L events, and up to L clicked events)
+in its own record. Events sharing the first target's timestamp are in the prefix too, since
+they are not history but must not be mistaken for it either.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from preprocessing.vocab import lookup_table
+from seminar_tf.spec import OOV_ID, PAD_ID, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from seminar_tf.text import normalize_query, tokenize_query
+
+USER_STATS = "user_stats"
+
+
+def sort_events(events) -> dict[str, np.ndarray]:
+    """Events ``[(ts, item_id, query, label)]`` -> columns sorted by (timestamp, item_id).
+
+    The item id tie-break makes the order (and so every window) independent of the order in
+    which the shuffle delivered the events.
+    """
+    events = list(events)
+    ts = np.fromiter((e[0] for e in events), np.int64, len(events))
+    items = np.array([e[1] for e in events], dtype=object)
+    order = np.lexsort((items.astype(str), ts))
+    return {
+        "timestamp": ts[order],
+        "item_id": items[order],
+        "query": np.array([events[i][2] for i in order], dtype=object),
+        "label": np.fromiter((events[i][3] for i in order), np.int64, len(events)),
+    }
+
+
+def tag_splits(timestamps: np.ndarray, mode: str, split_times: tuple = ()) -> np.ndarray:
+    """The split of each (sorted) event.
+
+    ``time``: global cutoffs ``(t_valid, t_test)``; train ``ts < t_valid``, valid
+    ``t_valid <= ts < t_test``, test ``ts >= t_test``. Equal timestamps share a split, so no
+    train target is later than any valid or test target.
+    ``last``: leave-last-out per user: the last event is test, the one before valid.
+    """
+    n = len(timestamps)
+    if mode == "time":
+        t_valid, t_test = split_times
+        split = np.full(n, SPLIT_TRAIN, np.int64)
+        split[timestamps >= t_valid] = SPLIT_VALID
+        split[timestamps >= t_test] = SPLIT_TEST
+        return split
+    if mode == "last":
+        split = np.full(n, SPLIT_TRAIN, np.int64)
+        if n >= 1:
+            split[-1] = SPLIT_TEST
+        if n >= 2:
+            split[-2] = SPLIT_VALID
+        return split
+    raise ValueError(f"split mode must be 'time' or 'last', got {mode!r}")
+
+
+def chunk_bounds(
+    timestamps: np.ndarray, labels: np.ndarray, chunk_size: int, max_len: int
+) -> list[tuple[int, int, int]]:
+    """``[(prefix_start, start, end)]``: chunk ``[start, end)`` of targets, with history-only
+    events ``[prefix_start, start)`` enough for the L most recent events and the L most recent
+    clicks strictly earlier than any target of the chunk."""
+    n = len(timestamps)
+    positives = np.flatnonzero(labels > 0)
+    bounds = []
+    for start in range(0, n, chunk_size):
+        end = min(n, start + chunk_size)
+        first_tie = int(np.searchsorted(timestamps, timestamps[start], side="left"))
+        prefix_all = max(0, first_tie - max_len)
+        n_pos_before = int(np.searchsorted(positives, first_tie, side="left"))
+        prefix_pos = int(positives[n_pos_before - max_len]) if n_pos_before >= max_len else 0
+        bounds.append((min(prefix_all, prefix_pos), start, end))
+    return bounds
+
+
+class EncodeUserSequence(beam.DoFn):
+    """``(user_id, events)`` -> serialised ``tf.train.Example`` chunks (main output) and one
+    ``(n_events, targets per split, clicks per split, n_chunks, n_prefix)`` per user
+    (``user_stats`` output)."""
+
+    def __init__(self, max_len: int, chunk_size: int, max_query_tokens: int, split_mode: str):
+        if chunk_size < 1 or max_len < 1:
+            raise ValueError("chunk_size and max_len must be >= 1")
+        self._max_len = max_len
+        self._chunk_size = chunk_size
+        self._q = max_query_tokens
+        self._split_mode = split_mode
+        self._lookups = None
+        self._chunks = Metrics.counter("seminar", "sequence_chunks")
+
+    def setup(self):
+        # Only the proto classes are needed; importing them pulls TensorFlow once per worker.
+        from tensorflow.core.example import example_pb2
+
+        self._example_pb2 = example_pb2
+
+    def _lookup(self, vocabs):
+        if self._lookups is None:
+            self._lookups = {k: lookup_table(v) for k, v in vocabs.items()}
+        return self._lookups
+
+    def _encode_queries(self, queries, lookups):
+        n = len(queries)
+        query_ids = np.zeros(n, np.int64)
+        tokens = np.zeros((n, self._q), np.int64)
+        cache: dict[str, tuple[int, list[int]]] = {}
+        for i, q in enumerate(queries):
+            if not q or not q.strip():
+                continue
+            hit = cache.get(q)
+            if hit is None:
+                qid = lookups["query"].get(normalize_query(q), OOV_ID)
+                toks = [lookups["query_token"].get(t, OOV_ID) for t in tokenize_query(q, self._q)]
+                hit = cache[q] = (qid, toks)
+            query_ids[i] = hit[0]
+            tokens[i, : len(hit[1])] = hit[1]
+        return query_ids, tokens
+
+    def process(self, element, vocabs, split_times):
+        user_id, events = element
+        lookups = self._lookup(vocabs)
+        cols = sort_events(events)
+        n = len(cols["timestamp"])
+        split = tag_splits(cols["timestamp"], self._split_mode, tuple(split_times or ()))
+        items = np.fromiter((lookups["item"].get(i, OOV_ID) for i in cols["item_id"]), np.int64, n)
+        query_ids, tokens = self._encode_queries(cols["query"], lookups)
+        n_prefix_total = 0
+        bounds = chunk_bounds(cols["timestamp"], cols["label"], self._chunk_size, self._max_len)
+        for chunk, (p, s, e) in enumerate(bounds):
+            n_prefix_total += s - p
+            ex = self._example_pb2.Example()
+            feat = ex.features.feature
+            feat["user_id"].bytes_list.value.append(user_id.encode("utf-8"))
+            feat["chunk"].int64_list.value.append(chunk)
+            feat["num_prefix"].int64_list.value.append(s - p)
+            feat["item"].int64_list.value.extend(items[p:e].tolist())
+            feat["query"].int64_list.value.extend(query_ids[p:e].tolist())
+            feat["query_tokens"].int64_list.value.extend(tokens[p:e].ravel().tolist())
+            feat["timestamp"].int64_list.value.extend(cols["timestamp"][p:e].tolist())
+            feat["label"].int64_list.value.extend(cols["label"][p:e].tolist())
+            feat["split"].int64_list.value.extend(split[p:e].tolist())
+            self._chunks.inc()
+            yield ex.SerializeToString()
+        per_split = np.bincount(split, minlength=3).tolist()
+        clicks = np.bincount(split, weights=cols["label"], minlength=3).astype(int).tolist()
+        yield beam.pvalue.TaggedOutput(
+            USER_STATS, (n, per_split, clicks, len(bounds), n_prefix_total)
+        )
+
+
+class BuildUserSequences(beam.PTransform):
+    """Keyed events -> group by user -> sort -> tag splits -> encode -> chunked Examples.
+
+    Returns ``{"examples": bytes, "user_stats": tuples}``.
+    """
+
+    def __init__(
+        self,
+        vocabs,
+        split_times,
+        max_len: int,
+        chunk_size: int,
+        max_query_tokens: int,
+        split_mode: str,
+    ):
+        super().__init__()
+        self._vocabs = vocabs
+        self._split_times = split_times
+        self._fn = EncodeUserSequence(max_len, chunk_size, max_query_tokens, split_mode)
+
+    def expand(self, keyed_events):
+        out = (
+            keyed_events
+            | "GroupByUser" >> beam.GroupByKey()
+            | "SortSplitEncode"
+            >> beam.ParDo(
+                self._fn,
+                beam.pvalue.AsSingleton(self._vocabs),
+                beam.pvalue.AsSingleton(self._split_times),
+            ).with_outputs(USER_STATS, main="examples")
+        )
+        return {"examples": out.examples, USER_STATS: out[USER_STATS]}
+
+
+__all__ = [
+    "BuildUserSequences",
+    "EncodeUserSequence",
+    "chunk_bounds",
+    "sort_events",
+    "tag_splits",
+    "PAD_ID",
+]

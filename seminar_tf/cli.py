@@ -1,0 +1,227 @@
+"""The ``seminar`` command line.
+
+Errors a user can fix (bad paths, bad options, bad data) exit non-zero with one readable line;
+unknown options of ``seminar preprocess`` go to Beam, so ``--runner=DataflowRunner --project
+...`` works unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+log = logging.getLogger("seminar")
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Beam and absl are chatty at INFO; keep our stage lines readable.
+    for noisy in ("apache_beam", "absl", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# seminar data synth
+# ---------------------------------------------------------------------------------------------
+def _cmd_synth(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    from seminar_tf.data import synth
+
+    cfg = synth.SynthConfig(
+        num_users=args.users,
+        num_items=args.items,
+        min_events=args.min_events,
+        max_events=args.max_events,
+        seed=args.seed,
+    )
+    t0 = time.time()
+    tables = synth.generate(cfg)
+    n = tables["events"].num_rows
+    log.info(
+        "synth: generated %d events, %d items in %.1fs",
+        n,
+        tables["items"].num_rows,
+        time.time() - t0,
+    )
+    t1 = time.time()
+    paths = synth.write(tables, args.out, fmt=args.format)
+    log.info("synth: wrote %s in %.1fs", ", ".join(sorted(paths.values())), time.time() - t1)
+    print(json.dumps({"events": n, "items": tables["items"].num_rows, "files": paths}))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# seminar preprocess
+# ---------------------------------------------------------------------------------------------
+def _cmd_preprocess(args, beam_args) -> int:
+    from preprocessing.pipeline import PreprocessConfig, run
+    from seminar_tf.data import movielens
+    from seminar_tf.data.readers import resolve_files, write_table
+
+    if args.format == "movielens":
+        src = args.events
+        t0 = time.time()
+        tables, counts = movielens.load(src)
+        raw_dir = os.path.join(args.out, "raw")
+        events_path = write_table(tables["events"], os.path.join(raw_dir, "events.parquet"))
+        items_path = write_table(tables["items"], os.path.join(raw_dir, "items.parquet"))
+        queries = []
+        if "queries" in tables:
+            queries = [write_table(tables["queries"], os.path.join(raw_dir, "queries.parquet"))]
+        log.info(
+            "movielens: %d ratings -> events (%d with a tag as query, %d tags without rating "
+            "dropped), %d items, in %.1fs",
+            counts["ratings"],
+            counts["events_with_query"],
+            counts["tags_without_rating"],
+            tables["items"].num_rows,
+            time.time() - t0,
+        )
+        events, items = [events_path], [items_path]
+    else:
+        if not args.items:
+            raise UsageError("--items is required (unless --format movielens)")
+        events = resolve_files(args.events, "events")
+        items = resolve_files(args.items, "items")
+        queries = resolve_files(args.queries, "queries") if args.queries else []
+    split_times = ()
+    if args.split_times:
+        try:
+            split_times = tuple(int(t) for t in args.split_times.split(","))
+        except ValueError:
+            raise UsageError("--split-times takes two integers: T_VALID,T_TEST") from None
+    try:
+        cfg = PreprocessConfig(
+            events=events,
+            items=items,
+            queries=queries,
+            out_dir=args.out,
+            max_len=args.max_len,
+            max_query_tokens=args.max_query_tokens,
+            max_attributes=args.max_attributes,
+            chunk_size=args.chunk_size,
+            split=args.split,
+            valid_fraction=args.valid_fraction,
+            test_fraction=args.test_fraction,
+            split_times=split_times,
+            min_counts={
+                "item": args.min_item_count,
+                "attribute": args.min_attribute_count,
+                "query_token": args.min_token_count,
+                "query": args.min_query_count,
+            },
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    log.info(
+        "preprocess: %d event file(s), %d item file(s) -> %s", len(events), len(items), args.out
+    )
+    stats = run(cfg, beam_args)
+    log.info(
+        "preprocess: %d events in, %d used, %d rejected; %d users; targets %s; "
+        "%.1f bytes/event; %.1fs (%.0f events/s)",
+        stats["input_events"],
+        stats["used_events"],
+        stats["rejected_events"],
+        stats["users"],
+        stats["targets_per_split"],
+        stats["output_bytes_per_event"],
+        stats["seconds"],
+        stats["events_per_second"],
+    )
+    if not stats["accounting_ok"]:
+        raise UsageError("record accounting failed: input != used + rejected (see stats.json)")
+    print(
+        json.dumps(
+            {
+                k: stats[k]
+                for k in (
+                    "input_events",
+                    "used_events",
+                    "rejected_events",
+                    "users",
+                    "targets_per_split",
+                )
+            }
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seminar", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="data utilities")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write synthetic lifelong data in the contract")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--users", type=int, default=2000)
+    synth.add_argument("--items", type=int, default=5000)
+    synth.add_argument("--min-events", type=int, default=20)
+    synth.add_argument("--max-events", type=int, default=2000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    synth.set_defaults(func=_cmd_synth)
+
+    pre = sub.add_parser(
+        "preprocess",
+        help="raw events + items -> sequence examples (Beam; unknown options go to Beam)",
+    )
+    pre.add_argument("--events", required=True, help="file or folder (or the MovieLens folder)")
+    pre.add_argument("--items", help="file or folder of the item catalog")
+    pre.add_argument("--queries", help="optional file or folder of query vectors")
+    pre.add_argument("--out", required=True)
+    pre.add_argument("--format", choices=("contract", "movielens"), default="contract")
+    pre.add_argument("--max-len", type=int, default=1000)
+    pre.add_argument("--max-query-tokens", type=int, default=5)
+    pre.add_argument("--max-attributes", type=int, default=8)
+    pre.add_argument("--chunk-size", type=int, default=10_000)
+    pre.add_argument("--split", choices=("time", "last"), default="time")
+    pre.add_argument("--valid-fraction", type=float, default=0.1)
+    pre.add_argument("--test-fraction", type=float, default=0.1)
+    pre.add_argument("--split-times", help="explicit cutoffs T_VALID,T_TEST (seconds)")
+    pre.add_argument("--min-item-count", type=int, default=1)
+    pre.add_argument("--min-attribute-count", type=int, default=1)
+    pre.add_argument("--min-token-count", type=int, default=2)
+    pre.add_argument("--min-query-count", type=int, default=1)
+    pre.set_defaults(func=_cmd_preprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args, extra)
+    except UsageError as e:
+        print(f"seminar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"seminar {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

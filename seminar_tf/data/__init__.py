@@ -1,0 +1,1 @@
+"""Raw data: readers for the data contract, the MovieLens adapter, synthetic data, tf.data."""

@@ -1,0 +1,157 @@
+"""tf.data reader: per-user sequence records -> one example per target event.
+
+Each target gets its history window cut at read time: the up-to-L most recent events strictly
+earlier than the target (events sharing the target's timestamp are not history), oldest first
+and left-padded with 0, so position L-1 is the most recent behaviour. With
+``history="positive"`` (the default, as in the long-sequence CTR literature) the window holds
+the L most recent clicked events instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import tensorflow as tf
+
+from seminar_tf import spec
+
+HISTORY_MODES = ("positive", "all")
+TARGET_MODES = ("all", "positive")
+_TARGET_BLOCK = 256
+
+
+def _parse_spec():
+    features = {
+        "user_id": tf.io.FixedLenFeature([], tf.string),
+        "chunk": tf.io.FixedLenFeature([], tf.int64),
+        "num_prefix": tf.io.FixedLenFeature([], tf.int64),
+        spec.SEQ_QUERY_TOKENS: tf.io.RaggedFeature(tf.int64),
+    }
+    for name in spec.SEQ_COLUMNS:
+        features[name] = tf.io.RaggedFeature(tf.int64)
+    return features
+
+
+def example_files(data_dir: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_dir, spec.EXAMPLES_DIR, "*.tfrecord")))
+    if not files:
+        raise FileNotFoundError(
+            f"{data_dir}: no {spec.EXAMPLES_DIR}/*.tfrecord files; run `seminar preprocess` first"
+        )
+    return files
+
+
+def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history: str) -> dict:
+    """History windows for the given target positions of one parsed record.
+
+    ``record`` holds 1-D columns (item, query, timestamp, label, split, query_tokens of n*Q);
+    returns a dict of model features and the label for ``targets`` ([T] int64 positions).
+    """
+    ts = record["timestamp"]
+    first_tie = tf.searchsorted(
+        ts[None, :], tf.gather(ts, targets)[None, :], side="left", out_type=tf.int64
+    )[0]
+    offsets = tf.range(max_len, dtype=tf.int64) - max_len
+    if history == "positive":
+        positives = tf.where(record["label"] > 0)[:, 0]
+        n_before = tf.searchsorted(
+            positives[None, :], first_tie[None, :], side="left", out_type=tf.int64
+        )[0]
+        slot = tf.cast(n_before, tf.int64)[:, None] + offsets[None, :]
+        valid = slot >= 0
+        # A leading 0 lets invalid slots gather something even when there are no clicks.
+        padded = tf.concat([tf.zeros([1], tf.int64), positives], axis=0)
+        idx = tf.gather(padded, tf.where(valid, slot + 1, 0))
+    else:
+        slot = tf.cast(first_tie, tf.int64)[:, None] + offsets[None, :]
+        valid = slot >= 0
+        idx = tf.maximum(slot, 0)
+    valid64 = tf.cast(valid, tf.int64)
+    tokens = tf.reshape(record[spec.SEQ_QUERY_TOKENS], [-1, q])
+
+    def hist(column):
+        return tf.gather(column, idx) * valid64
+
+    return {
+        "target_item": tf.gather(record["item"], targets),
+        "target_query": tf.gather(record["query"], targets),
+        "target_query_tokens": tf.gather(tokens, targets),
+        "hist_item": hist(record["item"]),
+        "hist_query": hist(record["query"]),
+        "hist_query_tokens": tf.gather(tokens, idx) * valid64[:, :, None],
+        "hist_label": hist(record["label"]),
+        "label": tf.cast(tf.gather(record["label"], targets), tf.float32),
+        "user_id": tf.fill(tf.shape(targets), record["user_id"]),
+        "timestamp": tf.gather(ts, targets),
+        "hist_timestamp": hist(ts),
+    }
+
+
+def make_dataset(
+    data_dir: str,
+    split: str = "train",
+    batch_size: int = 256,
+    max_len: int | None = None,
+    history: str = "positive",
+    targets: str = "all",
+    shuffle: bool = False,
+    shuffle_buffer: int = 20_000,
+    seed: int = 0,
+    repeat: bool = False,
+    include_meta: bool = False,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Batches of ``(features, label)``: features named as ``spec.MODEL_FEATURES``.
+
+    ``include_meta`` adds ``spec.META_FEATURES`` (user id for GAUC, timestamps) to the features.
+    """
+    data_spec = spec.DataSpec.load(data_dir)
+    if split not in spec.SPLIT_NAMES:
+        raise ValueError(f"split must be one of {spec.SPLIT_NAMES}, got {split!r}")
+    if history not in HISTORY_MODES:
+        raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+    max_len = max_len or data_spec.max_len
+    if max_len > data_spec.max_len:
+        raise ValueError(
+            f"max_len={max_len} exceeds the preprocessing max_len={data_spec.max_len}: chunk "
+            "prefixes only hold that much history; re-run `seminar preprocess --max-len`"
+        )
+    split_id = spec.SPLIT_NAMES.index(split)
+    q = data_spec.max_query_tokens
+    parse_spec = _parse_spec()
+    keep = list(spec.MODEL_FEATURE_NAMES) + (
+        [f.name for f in spec.META_FEATURES] if include_meta else []
+    )
+
+    def per_record(serialized):
+        record = tf.io.parse_single_example(serialized, parse_spec)
+        n = tf.size(record["item"], out_type=tf.int64)
+        positions = tf.range(record["num_prefix"], n)
+        wanted = tf.gather(record["split"], positions) == split_id
+        if targets == "positive":
+            wanted &= tf.gather(record["label"], positions) > 0
+        chosen = tf.boolean_mask(positions, wanted)
+        blocks = tf.data.Dataset.from_tensor_slices(chosen).batch(_TARGET_BLOCK)
+        return blocks.map(lambda t: cut_windows(record, t, max_len, q, history)).unbatch()
+
+    files = example_files(data_dir)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(4, len(files)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.flat_map(per_record)
+    ds = ds.map(
+        lambda ex: ({k: ex[k] for k in keep}, ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed)
+    if repeat:
+        ds = ds.repeat()
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

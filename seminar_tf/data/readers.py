@@ -1,0 +1,140 @@
+"""Readers for the raw data contract: Parquet, CSV and JSON Lines, a file or a folder.
+
+These in-memory readers return ``pyarrow.Table``s and serve small data (tests, the MovieLens
+adapter, notebooks). The Beam pipeline reads the same formats with Beam's own IO
+(``preprocessing.io.ReadRecords``) and shares :func:`resolve_files` and :func:`parse_cell`.
+
+CSV cells holding list columns (``attributes``, ``text_embedding``, ``image_embedding``) are
+JSON arrays (``["Drama","Comedy"]``, ``[0.1, 0.2]``); in JSON Lines they are plain arrays.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pyarrow as pa
+
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+LIST_FIELDS = ("attributes", "text_embedding", "image_embedding")
+
+
+class DataError(ValueError):
+    """Bad input that the user must fix; the CLI prints it as one line."""
+
+
+def detect_format(path: str) -> str:
+    for ext, fmt in FORMATS.items():
+        if path.endswith(ext) or path.endswith(ext + ".gz"):
+            return fmt
+    raise DataError(f"{path}: unknown format (expected one of {', '.join(FORMATS)})")
+
+
+def resolve_files(path: str, stem: str | None = None) -> list[str]:
+    """The data files at ``path``: the file itself, or the supported files in a folder.
+
+    In a folder holding several tables (``events.parquet``, ``items.parquet``), ``stem`` picks
+    the files whose name starts with it.
+    """
+    if os.path.isdir(path):
+        files = sorted(
+            f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f) and _has_known_ext(f)
+        )
+        if stem is not None:
+            named = [f for f in files if os.path.basename(f).startswith(stem)]
+            files = named or files
+        if not files:
+            raise DataError(f"{path}: no .parquet, .csv or .jsonl files in this folder")
+        formats = {detect_format(f) for f in files}
+        if len(formats) > 1:
+            raise DataError(f"{path}: mixed formats {sorted(formats)}; keep one per folder")
+        return files
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or folder")
+    detect_format(path)
+    return [path]
+
+
+def _has_known_ext(path: str) -> bool:
+    try:
+        detect_format(path)
+        return True
+    except DataError:
+        return False
+
+
+def parse_cell(field: str, value):
+    """Decodes a CSV cell of a list field (a JSON array); other values pass through."""
+    if field in LIST_FIELDS and isinstance(value, str):
+        if value.strip() == "":
+            return []
+        return json.loads(value)
+    return value
+
+
+def read_table(path: str, stem: str | None = None) -> pa.Table:
+    """Reads every file at ``path`` (see :func:`resolve_files`) into one table."""
+    files = resolve_files(path, stem)
+    fmt = detect_format(files[0])
+    tables = [_read_one(f, fmt) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def _read_one(path: str, fmt: str) -> pa.Table:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        table = pcsv.read_csv(
+            path,
+            convert_options=pcsv.ConvertOptions(
+                column_types={"query": pa.string(), "user_id": pa.string(), "item_id": pa.string()},
+                strings_can_be_null=False,
+            ),
+        )
+        for field in LIST_FIELDS:
+            if field in table.column_names:
+                values = [parse_cell(field, v) for v in table.column(field).to_pylist()]
+                idx = table.column_names.index(field)
+                table = table.set_column(idx, field, pa.array(values))
+        return table
+    rows = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    return pa.Table.from_pylist(rows)
+
+
+def write_table(table: pa.Table, path: str) -> str:
+    """Writes ``table`` in the format named by ``path``'s extension (list cells as JSON in CSV)."""
+    fmt = detect_format(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        cols = {}
+        for name in table.column_names:
+            col = table.column(name)
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                cols[name] = pa.array([json.dumps(v) for v in col.to_pylist()])
+            else:
+                cols[name] = col
+        pcsv.write_csv(pa.table(cols), path)
+    else:
+        with open(path, "w") as f:
+            for row in table.to_pylist():
+                f.write(json.dumps(row) + "\n")
+    return path

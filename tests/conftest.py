@@ -1,0 +1,27 @@
+"""Shared fixtures: paths to the shared data, and the skip-or-fail rule for it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get(
+    "SEMINAR_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data")
+)
+MOVIELENS = os.path.join(SHARED_DATA, "movielens-small")
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> str:
+    """The shared MovieLens folder; skips where absent, fails under CI's require flag."""
+    if not os.path.exists(os.path.join(MOVIELENS, "ratings.csv")):
+        msg = f"shared MovieLens data not found at {MOVIELENS} (set SEMINAR_SHARED_DATA)"
+        if os.environ.get("SEMINAR_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(msg + "; SEMINAR_REQUIRE_SHARED_DATA=1 forbids skipping")
+        pytest.skip(msg)
+    return MOVIELENS
