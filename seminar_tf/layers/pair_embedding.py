@@ -1,0 +1,404 @@
+"""Multi-modal query-item pair embedding (SEMINAR's input representation)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from seminar_tf import spec
+from seminar_tf.layers import _ops
+
+ITEM_MODALITIES = ("id", "attr", "text", "image")
+QUERY_MODALITY = "query"
+
+# table name -> (dtype stored in the model, config attribute giving the row count,
+#               config attribute giving the column count or None for a vector, modality)
+_TABLE_LAYOUT = {
+    "item_attributes": ("int32", "num_items", "max_attributes", "attr"),
+    "item_text_vectors": ("float32", "num_items", "text_dim", "text"),
+    "item_has_text": ("float32", "num_items", None, "text"),
+    "item_image_vectors": ("float32", "num_items", "image_dim", "image"),
+    "item_has_image": ("float32", "num_items", None, "image"),
+    "query_text_vectors": ("float32", "num_queries", "query_text_dim", "query_text"),
+    "query_has_text": ("float32", "num_queries", None, "query_text"),
+}
+assert set(_TABLE_LAYOUT) == set(spec.TABLE_ARRAYS)
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+class _ConstantArray:
+    """Initializer returning a fixed array (table values known before the build)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, shape, dtype=None):
+        return ops.convert_to_tensor(self.value, dtype=dtype)
+
+
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class MultiModalPairEmbedding(keras.layers.Layer):
+    """Embeds query-item pairs from ids, fusing every available modality into one vector.
+
+    For item ids of any leading shape ``[...]`` (0 = padding) and, optionally, query ids
+    ``[...]`` and query token ids ``[..., Q]`` (0 = padding / no query), it computes one
+    ``embedding_dim``-dimensional vector per modality:
+
+    - ``"id"``: a learned item id embedding;
+    - ``"attr"``: the masked mean of learned attribute embeddings, the attribute ids of an
+      item read from the ``item_attributes`` table;
+    - ``"text"`` / ``"image"``: the item's precomputed text / image vector (from the tables)
+      through a learned linear projection to ``embedding_dim``;
+    - ``"query"``: the masked mean of learned query token embeddings, averaged with the
+      projected query text vector where the data has one.
+
+    The item vector fuses the item modalities with learned softmax weights
+    ``w = softmax(modality_logits)``, renormalised per item over the modalities it has (an
+    item without text has its text weight moved to the others; a padded item gives zeros).
+    The pair vector is ``query_weight * query + (1 - query_weight) * item`` when the pair has
+    a query, and ``item`` when it has none (query id 0 and no tokens), so a pure
+    recommendation event is not pulled towards zero. Shapes: ``call`` returns ``[..., d]``.
+
+    The side tables (``spec.TABLE_ARRAYS``) are non-trainable variables of this layer, so a
+    saved model carries them and its inputs are ids only. Their values come from the
+    ``tables`` argument or from :meth:`set_tables`; arrays of modalities this layer is not
+    configured for (dimension 0) are ignored.
+
+    Args:
+        num_items: item vocabulary size, reserved ids included.
+        num_attributes: attribute vocabulary size; 0 disables the ``"attr"`` modality.
+        num_query_tokens: query token vocabulary size; 0 disables query tokens.
+        num_queries: query vocabulary size (rows of ``query_text_vectors``).
+        embedding_dim: ``d``, the size of every modality vector and of the pair vector.
+        max_attributes: attribute ids per item (columns of ``item_attributes``); 0
+            disables the ``"attr"`` modality.
+        text_dim: size of the item text vectors; 0 disables the ``"text"`` modality.
+        image_dim: size of the item image vectors; 0 disables the ``"image"`` modality.
+        query_text_dim: size of the query text vectors; 0 means none.
+        query_weight: ``lambda`` in ``pair = lambda * query + (1 - lambda) * item``, in
+            ``[0, 1]``.
+        embeddings_initializer: initializer of the id, attribute and token embeddings.
+        embeddings_regularizer: optional regularizer of those embeddings.
+        tables: optional ``{name: array}`` of table values (not part of ``get_config``).
+        **kwargs: other ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
+
+    Example:
+
+    ```python
+    layer = MultiModalPairEmbedding(
+        num_items=1000, num_attributes=50, num_query_tokens=500, num_queries=300,
+        embedding_dim=64, text_dim=512, tables=tables)
+    pair = layer(item_ids, query_ids, query_tokens)         # [B, L, 64]
+    vectors, masks = layer.encode(item_ids, query_ids, query_tokens)
+    vectors["text"], masks["text"]                          # [B, L, 64], [B, L] bool
+    ```
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_attributes: int,
+        num_query_tokens: int,
+        num_queries: int,
+        embedding_dim: int = 64,
+        max_attributes: int = spec.DEFAULT_MAX_ATTRIBUTES,
+        text_dim: int = 0,
+        image_dim: int = 0,
+        query_text_dim: int = 0,
+        query_weight: float = 0.5,
+        embeddings_initializer="uniform",
+        embeddings_regularizer=None,
+        tables: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_items = _check_int("num_items", num_items, spec.NUM_RESERVED_IDS)
+        self.num_attributes = _check_int("num_attributes", num_attributes, 0)
+        self.num_query_tokens = _check_int("num_query_tokens", num_query_tokens, 0)
+        self.num_queries = _check_int("num_queries", num_queries, 0)
+        self.embedding_dim = _check_int("embedding_dim", embedding_dim, 1)
+        self.max_attributes = _check_int("max_attributes", max_attributes, 0)
+        self.text_dim = _check_int("text_dim", text_dim, 0)
+        self.image_dim = _check_int("image_dim", image_dim, 0)
+        self.query_text_dim = _check_int("query_text_dim", query_text_dim, 0)
+        if self.query_text_dim and not self.num_queries:
+            raise ValueError("`num_queries` must be > 0 when `query_text_dim` > 0.")
+        if not 0.0 <= float(query_weight) <= 1.0:
+            raise ValueError(f"`query_weight` must be in [0, 1], got {query_weight!r}.")
+        self.query_weight = float(query_weight)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
+
+        self.use_attributes = self.num_attributes > 0 and self.max_attributes > 0
+        self.use_query_tokens = self.num_query_tokens > 0
+        self.use_query_text = self.query_text_dim > 0
+        self.item_modalities = tuple(
+            m
+            for m, on in zip(
+                ITEM_MODALITIES,
+                (True, self.use_attributes, self.text_dim > 0, self.image_dim > 0),
+            )
+            if on
+        )
+        self.use_query = self.use_query_tokens or self.use_query_text
+        enabled = {"attr": self.use_attributes, "text": self.text_dim > 0}
+        enabled.update({"image": self.image_dim > 0, "query_text": self.use_query_text})
+        self.table_names = tuple(n for n, lay in _TABLE_LAYOUT.items() if enabled[lay[3]])
+        self._pending_tables = None
+        if tables is not None:
+            self._pending_tables = self._validate_tables(tables)
+
+        d = self.embedding_dim
+        self.text_projection = (
+            keras.layers.Dense(d, name="text_projection") if self.text_dim else None
+        )
+        self.image_projection = (
+            keras.layers.Dense(d, name="image_projection") if self.image_dim else None
+        )
+        self.query_text_projection = (
+            keras.layers.Dense(d, name="query_text_projection") if self.use_query_text else None
+        )
+
+    # ------------------------------------------------------------------------------ state
+    def table_shape(self, name: str) -> tuple:
+        """Shape of table ``name`` in this layer (from the config)."""
+        _, rows, cols, _ = _TABLE_LAYOUT[name]
+        shape = (getattr(self, rows),)
+        return shape + (getattr(self, cols),) if cols else shape
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        d = self.embedding_dim
+
+        def embedding(name, rows):
+            return self.add_weight(
+                name=name,
+                shape=(rows, d),
+                initializer=self.embeddings_initializer,
+                regularizer=self.embeddings_regularizer,
+            )
+
+        self.item_embeddings = embedding("item_embeddings", self.num_items)
+        if self.use_attributes:
+            self.attribute_embeddings = embedding("attribute_embeddings", self.num_attributes)
+        if self.use_query_tokens:
+            self.query_token_embeddings = embedding("query_token_embeddings", self.num_query_tokens)
+        if self.text_projection is not None:
+            self.text_projection.build((None, self.text_dim))
+        if self.image_projection is not None:
+            self.image_projection.build((None, self.image_dim))
+        if self.query_text_projection is not None:
+            self.query_text_projection.build((None, self.query_text_dim))
+        self.modality_logits = self.add_weight(
+            name="modality_logits", shape=(len(self.item_modalities),), initializer="zeros"
+        )
+        # Table values given before the build become the variables' initial values (an
+        # assign here could be lost: Keras may build inside a symbolic / stateless scope).
+        pending = self._pending_tables or {}
+        for name in self.table_names:
+            var = self.add_weight(
+                name=name,
+                shape=self.table_shape(name),
+                dtype=_TABLE_LAYOUT[name][0],
+                initializer=_ConstantArray(pending[name]) if name in pending else "zeros",
+                trainable=False,
+            )
+            setattr(self, name, var)
+        self._pending_tables = None
+        self.built = True
+
+    def _validate_tables(self, tables: dict) -> dict:
+        unknown = sorted(set(tables) - set(_TABLE_LAYOUT))
+        if unknown:
+            raise ValueError(f"Unknown table(s) {unknown}; expected names in spec.TABLE_ARRAYS.")
+        missing = [n for n in self.table_names if n not in tables]
+        if missing:
+            raise ValueError(
+                f"`tables` is missing {missing}, required by this layer's configuration."
+            )
+        out = {}
+        for name in self.table_names:
+            value = np.asarray(tables[name])
+            expected = self.table_shape(name)
+            if value.shape != expected:
+                raise ValueError(
+                    f"Table `{name}` has shape {value.shape}, expected {expected} from the "
+                    "layer configuration."
+                )
+            if name == "item_attributes" and value.size:
+                if value.min() < 0 or value.max() >= self.num_attributes:
+                    raise ValueError(
+                        f"Table `item_attributes` holds ids outside [0, {self.num_attributes})."
+                    )
+            out[name] = value.astype(_TABLE_LAYOUT[name][0])
+        return out
+
+    @property
+    def _tables(self) -> dict:
+        return {name: getattr(self, name) for name in self.table_names}
+
+    def _assign_tables(self, tables: dict):
+        for name, value in tables.items():
+            self._tables[name].assign(value)
+
+    def set_tables(self, tables: dict):
+        """Assigns the side tables (``{name: array}`` as in ``spec.TABLE_ARRAYS``).
+
+        Arrays of modalities this layer is not configured for are ignored; a configured
+        one that is missing or of the wrong shape raises a ``ValueError`` naming it.
+        """
+        values = self._validate_tables(tables)
+        if self.built:
+            self._assign_tables(values)
+        else:
+            self._pending_tables = values
+
+    def get_tables(self) -> dict:
+        """The current table values as numpy arrays (only the configured ones)."""
+        return {n: keras.ops.convert_to_numpy(v) for n, v in self._tables.items()}
+
+    # ------------------------------------------------------------------------------ compute
+    def modality_weights(self):
+        """Softmax of the learned item-modality logits, ``[num_item_modalities]``."""
+        return ops.softmax(self.modality_logits)
+
+    def _take(self, table, ids):
+        return ops.take(table, ids, axis=0)
+
+    def encode(self, item_ids, query_ids=None, query_tokens=None):
+        """Per-modality vectors and presence masks.
+
+        Args:
+            item_ids: int ``[...]`` item ids, 0 = padding.
+            query_ids: optional int ``[...]`` query ids, 0 = no query.
+            query_tokens: optional int ``[..., Q]`` query token ids, 0 = padding.
+
+        Returns:
+            ``(vectors, masks)``: ``vectors[m]`` is ``[..., d]`` (zeros where absent) and
+            ``masks[m]`` is bool ``[...]`` for every ``m`` in ``item_modalities`` and, when
+            the layer has a query representation and query inputs are given, ``"query"``.
+        """
+        if not self.built:
+            self.build()
+        dtype = self.compute_dtype
+        ids = ops.cast(item_ids, "int32")
+        item_mask = ops.not_equal(ids, 0)
+        vectors, masks = {}, {}
+
+        def put(name, vector, present):
+            vectors[name] = vector * ops.expand_dims(ops.cast(present, dtype), -1)
+            masks[name] = present
+
+        put("id", ops.cast(self._take(self.item_embeddings, ids), dtype), item_mask)
+        if self.use_attributes:
+            attr_ids = self._take(self._tables["item_attributes"], ids)
+            attr_mask = ops.not_equal(attr_ids, 0)
+            attr = _ops.masked_mean(self._take(self.attribute_embeddings, attr_ids), attr_mask, -1)
+            put("attr", attr, ops.logical_and(item_mask, ops.any(attr_mask, axis=-1)))
+        if self.text_dim:
+            present = ops.logical_and(item_mask, self._take(self._tables["item_has_text"], ids) > 0)
+            text = self.text_projection(self._take(self._tables["item_text_vectors"], ids))
+            put("text", text, present)
+        if self.image_dim:
+            has = self._take(self._tables["item_has_image"], ids) > 0
+            image = self.image_projection(self._take(self._tables["item_image_vectors"], ids))
+            put("image", image, ops.logical_and(item_mask, has))
+
+        if self.use_query and (query_ids is not None or query_tokens is not None):
+            parts, present_parts = [], []
+            if self.use_query_tokens and query_tokens is not None:
+                tokens = ops.cast(query_tokens, "int32")
+                token_mask = ops.not_equal(tokens, 0)
+                parts.append(
+                    _ops.masked_mean(
+                        self._take(self.query_token_embeddings, tokens), token_mask, -1
+                    )
+                )
+                present_parts.append(ops.any(token_mask, axis=-1))
+            if self.use_query_text and query_ids is not None:
+                qids = ops.cast(query_ids, "int32")
+                has = ops.logical_and(
+                    ops.not_equal(qids, 0), self._take(self._tables["query_has_text"], qids) > 0
+                )
+                parts.append(
+                    self.query_text_projection(self._take(self._tables["query_text_vectors"], qids))
+                )
+                present_parts.append(has)
+            if parts:
+                total, count = 0.0, 0.0
+                for part, present in zip(parts, present_parts):
+                    p = ops.expand_dims(ops.cast(present, dtype), -1)
+                    total = total + part * p
+                    count = count + p
+                query_present = present_parts[0]
+                for present in present_parts[1:]:
+                    query_present = ops.logical_or(query_present, present)
+                put(QUERY_MODALITY, total / ops.maximum(count, 1.0), query_present)
+        return vectors, masks
+
+    def fuse_items(self, vectors: dict, masks: dict):
+        """Fuses the item modalities of ``vectors`` with the learned weights.
+
+        Only the modalities present for an item (``masks``) share the weight, so an item
+        without text is not pulled towards zero. Any modality of ``item_modalities`` absent
+        from ``vectors`` counts as missing. Returns the item vectors ``[..., d]``.
+        """
+        logits = self.modality_logits
+        weighted, norm = 0.0, 0.0
+        shift = ops.stop_gradient(ops.max(logits))
+        for i, name in enumerate(self.item_modalities):
+            if name not in vectors:
+                continue
+            w = ops.exp(logits[i] - shift) * ops.cast(masks[name], vectors[name].dtype)
+            weighted = weighted + vectors[name] * ops.expand_dims(w, -1)
+            norm = norm + w
+        return weighted / ops.expand_dims(ops.maximum(norm, 1e-12), -1)
+
+    def fuse_pair(self, item_vector, query_vector=None, query_mask=None):
+        """``lambda * query + (1 - lambda) * item`` where a query is present, else ``item``."""
+        if query_vector is None:
+            return item_vector
+        lam = self.query_weight * ops.cast(query_mask, item_vector.dtype)
+        lam = ops.expand_dims(lam, -1)
+        return item_vector + lam * (query_vector - item_vector)
+
+    def fuse(self, vectors: dict, masks: dict):
+        """Pair vectors ``[..., d]`` from :meth:`encode`'s (possibly transformed) outputs."""
+        item = self.fuse_items(vectors, masks)
+        if QUERY_MODALITY in vectors:
+            return self.fuse_pair(item, vectors[QUERY_MODALITY], masks[QUERY_MODALITY])
+        return item
+
+    def call(self, item_ids, query_ids=None, query_tokens=None):
+        vectors, masks = self.encode(item_ids, query_ids, query_tokens)
+        return self.fuse(vectors, masks)
+
+    def compute_output_shape(self, item_ids_shape, query_ids_shape=None, query_tokens_shape=None):
+        return tuple(item_ids_shape) + (self.embedding_dim,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_items": self.num_items,
+                "num_attributes": self.num_attributes,
+                "num_query_tokens": self.num_query_tokens,
+                "num_queries": self.num_queries,
+                "embedding_dim": self.embedding_dim,
+                "max_attributes": self.max_attributes,
+                "text_dim": self.text_dim,
+                "image_dim": self.image_dim,
+                "query_text_dim": self.query_text_dim,
+                "query_weight": self.query_weight,
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+                "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+            }
+        )
+        return config

@@ -1,0 +1,64 @@
+"""The first-stage (GSU) scorer interface and its registry of scorers by name."""
+
+from __future__ import annotations
+
+import keras
+
+_SCORERS: dict[str, type] = {}
+
+
+def register_scorer(name: str):
+    """Class decorator registering a :class:`SearchScorer` subclass under ``name``.
+
+    ``TopKSearch(scorer=name, scorer_config={...})`` then builds ``cls(**scorer_config)``.
+    """
+
+    def decorator(cls):
+        if not (isinstance(cls, type) and issubclass(cls, SearchScorer)):
+            raise TypeError(f"{cls!r} is not a SearchScorer subclass.")
+        if name in _SCORERS and _SCORERS[name] is not cls:
+            raise ValueError(f"A scorer named {name!r} is already registered.")
+        _SCORERS[name] = cls
+        cls.scorer_name = name
+        return cls
+
+    return decorator
+
+
+def get_scorer_class(name: str) -> type:
+    """The scorer class registered under ``name``; ``ValueError`` listing the known names."""
+    if name not in _SCORERS:
+        raise ValueError(f"Unknown search scorer {name!r}; registered: {sorted(_SCORERS)}.")
+    return _SCORERS[name]
+
+
+def available_scorers() -> tuple:
+    """Names of the registered scorers."""
+    return tuple(sorted(_SCORERS))
+
+
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class SearchScorer(keras.layers.Layer):
+    """Base of the first-stage scorers: one relevance score per behaviour.
+
+    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None)``
+    returns scores ``[B, L]`` (larger = keep first); values at masked positions are ignored
+    by the caller. ``target_parts`` / ``key_parts`` are optional ``{modality: vectors}``
+    dicts (``[B, d]`` / ``[B, L, d]``) for scorers that work per modality (product
+    quantization); the built-in scorers use the fused vectors only.
+
+    Class attribute ``differentiable``: whether the scores carry a useful gradient to the
+    vectors and the scorer's weights (a model can then feed them to its second stage).
+
+    Args:
+        **kwargs: ``keras.layers.Layer`` arguments.
+    """
+
+    differentiable = False
+    scorer_name = None
+
+    def build(self, target_shape, keys_shape=None, mask_shape=None):
+        self.built = True
+
+    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+        raise NotImplementedError

@@ -1,0 +1,65 @@
+"""GSU scorer ``"exact"``: multi-head target-attention logits, averaged over heads."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from seminar_tf.layers.scorers.base import SearchScorer, register_scorer
+from seminar_tf.layers.target_attention import MultiHeadTargetAttention
+
+
+@register_scorer("exact")
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class ExactScorer(SearchScorer):
+    """Scores behaviours with the query/key part of a multi-head target attention.
+
+    ``score[b, l] = reduce_h s_h[b, l]`` with ``s_h`` the scaled attention logits of
+    :class:`MultiHeadTargetAttention` (SEMINAR's GSU shares the PSU's attention structure);
+    ``reduction`` is ``"mean"`` or ``"sum"`` over heads. Shapes: target ``[B, d]``, keys
+    ``[B, L, d]`` -> ``[B, L]``. Its attention sublayer is named ``attention`` so weights can
+    be restored from a pretrained attention by name.
+
+    Args:
+        num_heads: attention heads.
+        head_dim: size per head; default ``d // num_heads``.
+        reduction: ``"mean"`` or ``"sum"`` over heads.
+        **kwargs: ``keras.layers.Layer`` arguments.
+
+    Example:
+
+    ```python
+    scorer = ExactScorer(num_heads=4)
+    scores = scorer(target, keys, mask)  # [B, L]
+    ```
+    """
+
+    differentiable = True
+
+    def __init__(
+        self, num_heads: int = 4, head_dim: int | None = None, reduction: str = "mean", **kwargs
+    ):
+        super().__init__(**kwargs)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.reduction = reduction
+        self.attention = MultiHeadTargetAttention(
+            num_heads=num_heads, head_dim=head_dim, scores_only=True, name="attention"
+        )
+
+    def build(self, target_shape, keys_shape=None, mask_shape=None):
+        self.attention.build(target_shape, keys_shape)
+        self.built = True
+
+    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+        scores = self.attention(target, keys, mask)
+        return ops.mean(scores, axis=1) if self.reduction == "mean" else ops.sum(scores, axis=1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"num_heads": self.num_heads, "head_dim": self.head_dim, "reduction": self.reduction}
+        )
+        return config

@@ -1,0 +1,101 @@
+"""First-stage search (GSU): score every behaviour, keep the top K."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from seminar_tf.layers import _ops
+from seminar_tf.layers.scorers import get_scorer_class
+
+
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class TopKSearch(keras.layers.Layer):
+    """Scores all ``L`` behaviours against the target and keeps the ``k`` best.
+
+    The scorer is chosen by name from the scorer registry (``seminar_tf.layers.scorers``):
+    ``"exact"`` (multi-head target-attention logits averaged over heads: SEMINAR / TWIN),
+    ``"soft"`` (inner product: SIM), ``"recent"`` (the last K: DIN), ``"simhash"`` (ETA),
+    and any scorer registered later (e.g. ``"pq"``) with ``scorer_config`` passed to its
+    constructor.
+
+    Masked behaviours are never kept ahead of real ones. When fewer than ``k`` behaviours
+    are real (including ``L < k`` and all-padding rows) the kept set is padded with masked
+    entries. Ties keep the lower position first.
+
+    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None)``
+    returns ``(indices [B, k] int32, kept_mask [B, k] bool, scores [B, k])``, in decreasing
+    score order; where ``kept_mask`` is false the index is 0 and the score 0, so gathering
+    with the indices is always in range.
+
+    Args:
+        k: how many behaviours to keep.
+        scorer: registered scorer name.
+        scorer_config: keyword arguments of the scorer's constructor.
+        **kwargs: ``keras.layers.Layer`` arguments.
+
+    Example:
+
+    ```python
+    search = TopKSearch(k=50, scorer="exact", scorer_config={"num_heads": 4})
+    indices, kept_mask, scores = search(target, keys, mask)  # [B, 50] each
+    kept = ops.take_along_axis(keys, indices[..., None], axis=1)
+    ```
+    """
+
+    def __init__(
+        self, k: int = 50, scorer: str = "exact", scorer_config: dict | None = None, **kwargs
+    ):
+        super().__init__(**kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        if scorer_config is not None and not isinstance(scorer_config, dict):
+            raise ValueError(f"`scorer_config` must be a dict or None, got {scorer_config!r}.")
+        self.k = k
+        self.scorer_name = scorer
+        self.scorer_config = dict(scorer_config or {})
+        scorer_cls = get_scorer_class(scorer)
+        try:
+            self.scorer = scorer_cls(name=f"{scorer}_scorer", **self.scorer_config)
+        except TypeError as e:
+            raise ValueError(f"`scorer_config` does not fit scorer {scorer!r}: {e}") from e
+
+    @property
+    def differentiable(self) -> bool:
+        """Whether the scores carry gradients (see ``SearchScorer.differentiable``)."""
+        return self.scorer.differentiable
+
+    def build(self, target_shape, keys_shape=None, mask_shape=None):
+        keys_shape = (target_shape[0], None, target_shape[-1]) if keys_shape is None else keys_shape
+        self.scorer.build(target_shape, keys_shape, mask_shape)
+        self.built = True
+
+    def score_all(self, target, keys, mask, target_parts=None, key_parts=None):
+        """Scores of all ``L`` behaviours ``[B, L]`` (masked positions unspecified)."""
+        return self.scorer(target, keys, mask, target_parts=target_parts, key_parts=key_parts)
+
+    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+        mask = ops.cast(mask, "bool")
+        scores = self.score_all(target, keys, mask, target_parts, key_parts)
+        scores = ops.cast(scores, "float32")
+        # Append k masked columns so top_k always has >= k candidates (handles L < k).
+        scores = ops.pad(scores, [[0, 0], [0, self.k]])
+        mask_f = ops.pad(ops.cast(mask, "float32"), [[0, 0], [0, self.k]])
+        ranked = ops.where(mask_f > 0, scores, _ops.MASK_VALUE)
+        _, indices = ops.top_k(ranked, k=self.k, sorted=True)
+        kept_mask = ops.take_along_axis(mask_f, indices, axis=1) > 0
+        kept_scores = ops.take_along_axis(scores, indices, axis=1)
+        indices = ops.where(kept_mask, ops.cast(indices, "int32"), 0)
+        kept_scores = ops.where(kept_mask, kept_scores, 0.0)
+        return indices, kept_mask, kept_scores
+
+    def compute_output_shape(self, target_shape, keys_shape=None, mask_shape=None):
+        shape = (target_shape[0], self.k)
+        return shape, shape, shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {"k": self.k, "scorer": self.scorer_name, "scorer_config": dict(self.scorer_config)}
+        )
+        return config

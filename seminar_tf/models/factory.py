@@ -1,0 +1,80 @@
+"""Builds SEMINAR models from a preprocessing output's :class:`spec.DataSpec` and a config."""
+
+from __future__ import annotations
+
+import inspect
+
+from seminar_tf import spec
+from seminar_tf.models.psu import PSU
+from seminar_tf.models.seminar import SeminarCTR
+
+# Baselines as configurations of SeminarCTR (``{"preset": name, ...}`` in the config).
+PRESETS = {
+    "seminar": {"search": "exact"},
+    "twin": {"search": "exact"},
+    "sim": {"search": "soft"},
+    "eta": {"search": "simhash", "search_config": {"num_bits": 16}},
+    "din": {"search": "recent"},
+    "full_attention": {"search": "all"},
+    "dnn": {"use_history": False},
+}
+
+_DATA_ARGS = (
+    "num_items",
+    "num_attributes",
+    "num_query_tokens",
+    "num_queries",
+    "max_attributes",
+    "text_dim",
+    "image_dim",
+    "query_text_dim",
+)
+
+
+def data_kwargs(data_spec: spec.DataSpec) -> dict:
+    """The constructor arguments that come from the data: vocabulary sizes and dimensions."""
+    return {name: getattr(data_spec, name) for name in _DATA_ARGS}
+
+
+def _model_kwargs(cls, data_spec, config, what):
+    config = dict(config or {})
+    preset = config.pop("preset", None)
+    if preset is not None:
+        if cls is not SeminarCTR:
+            raise ValueError(f"`preset` applies to SeminarCTR only, not {what}.")
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown `preset` {preset!r}; known: {sorted(PRESETS)}.")
+        config = {**PRESETS[preset], **config}
+    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "tables", "kwargs"}
+    allowed.add("name")
+    data_keys = sorted(set(config) & set(_DATA_ARGS))
+    if data_keys:
+        raise ValueError(f"config keys {data_keys} come from the DataSpec; remove them.")
+    unknown = sorted(set(config) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown {what} config key(s) {unknown}; allowed: {sorted(allowed)}.")
+    return {**data_kwargs(data_spec), **config}
+
+
+def build_model(
+    data_spec: spec.DataSpec, config: dict | None = None, tables: dict | None = None
+) -> SeminarCTR:
+    """A :class:`SeminarCTR` for ``data_spec`` (uncompiled, unbuilt).
+
+    Args:
+        data_spec: sizes of the preprocessing output (``DataSpec.load(data_dir)``).
+        config: SeminarCTR constructor arguments except the data sizes (e.g.
+            ``{"search": "exact", "top_k": 50, "dropout": 0.5}``), optionally with
+            ``"preset"``: one of ``PRESETS`` (``"seminar"``, ``"twin"``, ``"sim"``, ``"eta"``,
+            ``"din"``, ``"full_attention"``, ``"dnn"``), overridden by the other keys.
+        tables: the side tables (``np.load(tables.npz)`` as a dict), or None to set later.
+    """
+    return SeminarCTR(**_model_kwargs(SeminarCTR, data_spec, config, "SeminarCTR"), tables=tables)
+
+
+def build_psu(
+    data_spec: spec.DataSpec, config: dict | None = None, tables: dict | None = None
+) -> PSU:
+    """A :class:`PSU` for ``data_spec``; ``config`` holds PSU constructor arguments except
+    the data sizes (e.g. ``{"embedding_dim": 64, "align_weight": 0.1}``)."""
+    return PSU(**_model_kwargs(PSU, data_spec, config, "PSU"), tables=tables)

@@ -1,0 +1,448 @@
+"""SeminarCTR: GSU (top-K search over the lifelong history) -> ESU (target attention) -> MLP.
+
+SEMINAR itself and its baselines are configurations of this one model:
+
+| configuration | model |
+| --- | --- |
+| ``search="exact"`` + :meth:`SeminarCTR.restore_pretrained` from a :class:`PSU` | SEMINAR |
+| ``search="exact"`` without pretraining | TWIN-like (GSU and ESU both attention) |
+| ``search="soft"`` | SIM (soft search) |
+| ``search="simhash"`` | ETA |
+| ``search="recent"`` | DIN over the last K behaviours |
+| ``search="all"`` | target attention over the whole history (no first stage) |
+| ``use_history=False`` | a DNN on the target pair only |
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from seminar_tf import spec
+from seminar_tf.layers import _ops
+from seminar_tf.layers.pair_embedding import QUERY_MODALITY, MultiModalPairEmbedding
+from seminar_tf.layers.scorers import get_scorer_class
+from seminar_tf.layers.target_attention import MultiHeadTargetAttention
+from seminar_tf.layers.topk_search import TopKSearch
+
+NO_SEARCH = "all"
+
+
+def _relative_name(variable, layer) -> str:
+    """The path of ``variable`` below ``layer`` (e.g. ``text_projection/kernel``)."""
+    path = variable.path
+    prefix = layer.path + "/"
+    if path.startswith(prefix):
+        return path[len(prefix) :]
+    marker = f"{layer.name}/"
+    index = path.find("/" + marker)
+    if index >= 0:
+        return path[index + 1 + len(marker) :]
+    if path.startswith(marker):
+        return path[len(marker) :]
+    return path
+
+
+def copy_layer_weights(source, target, skip=(), check_extra=True, what="layer") -> list:
+    """Copies the variables of ``source`` into ``target`` matched by their path below each
+    layer (e.g. ``text_projection/kernel``).
+
+    Every variable of ``target`` not named in ``skip`` must exist in ``source`` with the same
+    shape; with ``check_extra``, a variable of ``source`` (not in ``skip``) that ``target``
+    lacks is an error too. All checks run before anything is assigned. Returns the names
+    copied.
+
+    Raises:
+        ValueError: naming the variable that is missing or has a different shape.
+    """
+    src = {_relative_name(v, source): v for v in source.weights}
+    dst = {_relative_name(v, target): v for v in target.weights}
+    missing = sorted(n for n in dst if n not in skip and n not in src)
+    if missing:
+        raise ValueError(
+            f"Cannot restore {what}: variable(s) {missing} of `{target.path}` do not exist in "
+            f"`{source.path}` (it has {sorted(src)})."
+        )
+    extra = sorted(n for n in src if n not in skip and n not in dst)
+    if check_extra and extra:
+        raise ValueError(
+            f"Cannot restore {what}: variable(s) {extra} of `{source.path}` do not exist in "
+            f"`{target.path}` (a modality or option present in only one of the models)."
+        )
+    pairs = []
+    for name, var in dst.items():
+        if name in skip:
+            continue
+        if tuple(src[name].shape) != tuple(var.shape):
+            raise ValueError(
+                f"Cannot restore {what}: variable `{name}` has shape {tuple(src[name].shape)} "
+                f"in `{source.path}` but {tuple(var.shape)} in `{target.path}`."
+            )
+        pairs.append((name, src[name], var))
+    for _, s, d in pairs:
+        d.assign(ops.convert_to_numpy(s))
+    return [n for n, _, _ in pairs]
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class SeminarCTR(keras.Model):
+    """SEMINAR's click-through-rate model: a General Search Unit keeps the top K of the
+    lifelong history, an Exact Search Unit attends over them, an MLP predicts the click.
+
+    For a batch of ``spec.MODEL_FEATURES`` it computes:
+
+    1. pair vectors of the target ``[B, d]`` and of the history ``[B, L, d]`` with a
+       :class:`MultiModalPairEmbedding` (layer ``pair_embedding``: the layer restored from a
+       :class:`PSU` by :meth:`restore_pretrained`);
+    2. GSU (layer ``gsu``, a :class:`TopKSearch` with scorer ``search``): the per-modality
+       vectors go through a d x d projection ``G(j)`` (identity-initialised Dense layers
+       ``gsu_projection_<modality>``; only when the scorer is differentiable), are fused
+       again, and every real behaviour is scored against the target; the top ``top_k`` are
+       kept (``search="all"`` keeps all L and skips this stage);
+    3. ESU (layer ``esu``, a :class:`MultiHeadTargetAttention`): the target pair attends over
+       the kept behaviours' full pair vectors (plus a learned click/no-click embedding of
+       ``hist_label`` when ``use_history_labels``). With ``gsu_score_bias`` and a
+       differentiable scorer, the kept GSU scores times a learned scalar (initially 0) are
+       added to the ESU logits (as in TWIN), which is how the CTR loss reaches ``G(j)`` and the
+       GSU weights; otherwise the GSU is not trained by the CTR loss (its layer is marked
+       non-trainable);
+    4. an MLP (ReLU, dropout) on ``[target, esu, target * esu]`` (plus the mean pair of the
+       last ``short_term_len`` behaviours when > 0), then a sigmoid.
+
+    ``call`` returns the click probability, shape ``[B]`` (float32). Compile with
+    ``loss="binary_crossentropy"`` and labels ``[B]``.
+
+    Args:
+        num_items, num_attributes, num_query_tokens, num_queries, max_attributes, text_dim,
+            image_dim, query_text_dim: data sizes (``spec.DataSpec``).
+        embedding_dim: ``d`` (64 in SEMINAR).
+        num_heads: heads of the ESU and of the ``"exact"`` GSU scorer (4 in SEMINAR).
+        query_weight: ``lambda`` of the pair fusion.
+        use_history: False gives a DNN on the target pair alone (no GSU/ESU).
+        search: GSU scorer name (``"exact"``, ``"soft"``, ``"recent"``, ``"simhash"``, or any
+            registered scorer) or ``"all"`` for no first stage.
+        top_k: behaviours kept by the GSU (50 in SEMINAR on Amazon, 200 on KuaiSAR).
+        search_config: keyword arguments of the scorer; default ``{"num_heads": num_heads}``
+            for ``"exact"``.
+        gsu_score_bias: add the kept GSU scores to the ESU logits (differentiable scorers).
+        use_history_labels: add a click/no-click embedding of ``hist_label`` to the ESU keys.
+        short_term_len: also feed the mean pair vector of the last N behaviours (0 = off).
+        hidden_units: MLP layer sizes.
+        dropout: MLP dropout rate (0.5 in SEMINAR's code).
+        freeze_pretrained: mark the layers that :meth:`restore_pretrained` fills
+            (``pair_embedding`` and, for ``search="exact"``, the GSU scorer) non-trainable
+            from construction on; ``G(j)``, the ESU and the MLP still train.
+        tables: optional side tables (``spec.TABLE_ARRAYS``), not part of ``get_config``.
+        **kwargs: ``keras.Model`` arguments.
+
+    Example:
+
+    ```python
+    model = build_model(data_spec, {"search": "exact", "top_k": 50}, tables)
+    model.restore_pretrained(psu)
+    model.compile(optimizer="adam", loss="binary_crossentropy",
+                  metrics=[keras.metrics.AUC(name="auc")])
+    model.fit(features, labels, batch_size=256)
+    probabilities = model.predict(features)  # [N]
+    ```
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        num_attributes: int,
+        num_query_tokens: int,
+        num_queries: int,
+        max_attributes: int = spec.DEFAULT_MAX_ATTRIBUTES,
+        text_dim: int = 0,
+        image_dim: int = 0,
+        query_text_dim: int = 0,
+        embedding_dim: int = 64,
+        num_heads: int = 4,
+        query_weight: float = 0.5,
+        use_history: bool = True,
+        search: str = "exact",
+        top_k: int = 50,
+        search_config: dict | None = None,
+        gsu_score_bias: bool = True,
+        use_history_labels: bool = True,
+        short_term_len: int = 0,
+        hidden_units: tuple | list = (256, 128),
+        dropout: float = 0.5,
+        freeze_pretrained: bool = False,
+        tables: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.top_k = _positive_int("top_k", top_k)
+        if search != NO_SEARCH:
+            get_scorer_class(search)  # raises ValueError naming the registered scorers
+        self.search = search
+        if search_config is not None and not isinstance(search_config, dict):
+            raise ValueError(f"`search_config` must be a dict or None, got {search_config!r}.")
+        self.search_config = dict(search_config) if search_config is not None else None
+        if (
+            isinstance(short_term_len, bool)
+            or not isinstance(short_term_len, int)
+            or short_term_len < 0
+        ):
+            raise ValueError(f"`short_term_len` must be an integer >= 0, got {short_term_len!r}.")
+        self.short_term_len = short_term_len
+        if isinstance(hidden_units, int) or not all(
+            isinstance(u, (int, np.integer)) and u > 0 for u in hidden_units
+        ):
+            raise ValueError(
+                f"`hidden_units` must be a sequence of positive integers, got {hidden_units!r}."
+            )
+        self.hidden_units = tuple(int(u) for u in hidden_units)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+        self.dropout = float(dropout)
+        self.use_history = bool(use_history)
+        self.gsu_score_bias = bool(gsu_score_bias)
+        self.use_history_labels = bool(use_history_labels)
+        self.freeze_pretrained = bool(freeze_pretrained)
+
+        self.pair_embedding = MultiModalPairEmbedding(
+            num_items=num_items,
+            num_attributes=num_attributes,
+            num_query_tokens=num_query_tokens,
+            num_queries=num_queries,
+            embedding_dim=embedding_dim,
+            max_attributes=max_attributes,
+            text_dim=text_dim,
+            image_dim=image_dim,
+            query_text_dim=query_text_dim,
+            query_weight=query_weight,
+            tables=tables,
+            name="pair_embedding",
+        )
+        d = self.embedding_dim = self.pair_embedding.embedding_dim
+        self.gsu = None
+        self.gsu_modalities = ()
+        self._use_gsu_bias = False
+        if self.use_history and search != NO_SEARCH:
+            config = self.search_config
+            if config is None:
+                config = {"num_heads": self.num_heads} if search == "exact" else {}
+            self.gsu = TopKSearch(k=self.top_k, scorer=search, scorer_config=config, name="gsu")
+            self._use_gsu_bias = self.gsu_score_bias and self.gsu.differentiable
+            if self._use_gsu_bias:
+                self.gsu_modalities = self.pair_embedding.item_modalities + (
+                    (QUERY_MODALITY,) if self.pair_embedding.use_query else ()
+                )
+            else:
+                self.gsu.trainable = False  # no gradient reaches it
+            for m in self.gsu_modalities:
+                setattr(
+                    self,
+                    f"gsu_projection_{m}",
+                    keras.layers.Dense(
+                        d, use_bias=False, kernel_initializer="identity", name=f"gsu_projection_{m}"
+                    ),
+                )
+        self.esu = (
+            MultiHeadTargetAttention(num_heads=self.num_heads, name="esu")
+            if self.use_history
+            else None
+        )
+        self.mlp_layers = []
+        for i, units in enumerate(self.hidden_units):
+            self.mlp_layers.append(keras.layers.Dense(units, activation="relu", name=f"mlp_{i}"))
+            if self.dropout:
+                self.mlp_layers.append(keras.layers.Dropout(self.dropout, name=f"mlp_dropout_{i}"))
+        self.logit_layer = keras.layers.Dense(1, name="logit")
+        if self.freeze_pretrained:
+            self.pair_embedding.trainable = False
+            if self.gsu is not None and search == "exact":
+                self.gsu.trainable = False
+
+    # ----------------------------------------------------------------------------- build
+    def _mlp_input_dim(self) -> int:
+        d = self.embedding_dim
+        dim = d
+        if self.use_history:
+            dim += 2 * d + (d if self.short_term_len else 0)
+        return dim
+
+    def build(self, input_shape=None):
+        if self.built:
+            return
+        d = self.embedding_dim
+        self.pair_embedding.build()
+        if self.use_history:
+            if self.gsu is not None:
+                self.gsu.build((None, d), (None, None, d), (None, None))
+                for m in self.gsu_modalities:
+                    getattr(self, f"gsu_projection_{m}").build((None, d))
+                if self._use_gsu_bias:
+                    self.gsu_bias_weight = self.add_weight(
+                        name="gsu_bias_weight", shape=(), initializer="zeros"
+                    )
+            if self.use_history_labels:
+                self.history_label_embeddings = self.add_weight(
+                    name="history_label_embeddings", shape=(2, d), initializer="zeros"
+                )
+            self.esu.build((None, d), (None, None, d))
+        dim = self._mlp_input_dim()
+        for layer in self.mlp_layers:
+            if isinstance(layer, keras.layers.Dense):
+                layer.build((None, dim))
+                dim = layer.units
+        self.logit_layer.build((None, dim))
+        self.built = True
+
+    def build_from_config(self, config):
+        self.build()
+
+    def set_tables(self, tables: dict):
+        """Assigns the side tables (see ``MultiModalPairEmbedding.set_tables``)."""
+        self.pair_embedding.set_tables(tables)
+
+    # ----------------------------------------------------------------------------- restore
+    def restore_pretrained(
+        self, psu, include_attention: bool = True, include_tables: bool = False
+    ) -> list:
+        """Copies the pretrained weights of a :class:`PSU` into this model.
+
+        Copies every variable of ``psu.pair_embedding`` into ``self.pair_embedding`` by its
+        path below the layer (``item_embeddings``, ``text_projection/kernel``, ...); the
+        side tables are data, not learned, and are copied only with ``include_tables``. With
+        ``include_attention`` and ``search="exact"``, the query/key projections of the PSU's
+        ``attention`` also go to the GSU scorer (SEMINAR's GSU shares the PSU's attention
+        structure). ``G(j)`` stays at the identity. Both models are built first if needed.
+
+        Returns:
+            The names of the copied variables (``pair_embedding/...``, ``gsu/...``).
+
+        Raises:
+            ValueError: a variable is missing on either side or has a different shape (e.g.
+                a different ``embedding_dim`` or a modality present in only one model); the
+                message names it. Nothing is assigned then.
+        """
+        if not hasattr(psu, "pair_embedding"):
+            raise ValueError(f"`psu` must be a PSU model, got {type(psu).__name__}.")
+        if not psu.built:
+            psu.build()
+        if not self.built:
+            self.build()
+        tables = set(self.pair_embedding.table_names) | set(psu.pair_embedding.table_names)
+        skip = () if include_tables else tuple(tables)
+        copied = [
+            f"pair_embedding/{n}"
+            for n in copy_layer_weights(
+                psu.pair_embedding, self.pair_embedding, skip=skip, what="pair_embedding"
+            )
+        ]
+        if include_attention and self.gsu is not None and self.search == "exact":
+            target = self.gsu.scorer.attention
+            copied += [
+                f"gsu/{n}"
+                for n in copy_layer_weights(
+                    psu.attention, target, check_extra=False, what="GSU attention"
+                )
+            ]
+        return copied
+
+    # ----------------------------------------------------------------------------- forward
+    def _short_term(self, hist_pair, mask):
+        mask_f = ops.cast(mask, "float32")
+        from_end = ops.flip(ops.cumsum(ops.flip(mask_f, axis=1), axis=1), axis=1)
+        short = ops.logical_and(ops.cast(mask, "bool"), from_end <= self.short_term_len)
+        return _ops.masked_mean(hist_pair, short, axis=1)
+
+    def call(self, inputs, training=None):
+        emb = self.pair_embedding
+        t_vec, t_mask = emb.encode(
+            inputs["target_item"], inputs["target_query"], inputs["target_query_tokens"]
+        )
+        target_pair = emb.fuse(t_vec, t_mask)
+        features = [target_pair]
+        if self.use_history:
+            hist_item = inputs["hist_item"]
+            mask = ops.not_equal(hist_item, 0)
+            h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+            hist_pair = emb.fuse(h_vec, h_mask)
+            keys = hist_pair
+            if self.use_history_labels:
+                labels = ops.clip(ops.cast(inputs["hist_label"], "int32"), 0, 1)
+                keys = keys + ops.take(self.history_label_embeddings, labels, axis=0)
+            bias = None
+            if self.gsu is None:
+                kept_keys, kept_mask = keys, mask
+            else:
+                if self.gsu_modalities:
+
+                    def project(vectors):
+                        return {
+                            m: getattr(self, f"gsu_projection_{m}")(v)
+                            if m in self.gsu_modalities
+                            else v
+                            for m, v in vectors.items()
+                        }
+
+                    t_parts, h_parts = project(t_vec), project(h_vec)
+                    gsu_target, gsu_keys = emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask)
+                else:
+                    t_parts, h_parts = t_vec, h_vec
+                    gsu_target, gsu_keys = target_pair, hist_pair
+                indices, kept_mask, kept_scores = self.gsu(
+                    gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts
+                )
+                gather = ops.broadcast_to(
+                    ops.expand_dims(indices, -1),
+                    (ops.shape(indices)[0], self.top_k, self.embedding_dim),
+                )
+                kept_keys = ops.take_along_axis(keys, gather, axis=1)
+                if self._use_gsu_bias:
+                    bias = self.gsu_bias_weight * kept_scores
+            pooled, _ = self.esu(
+                target_pair, kept_keys, kept_mask, score_bias=bias, training=training
+            )
+            features += [pooled, target_pair * pooled]
+            if self.short_term_len:
+                features.append(self._short_term(hist_pair, mask))
+        x = ops.concatenate(features, axis=-1)
+        for layer in self.mlp_layers:
+            x = layer(x, training=training) if isinstance(layer, keras.layers.Dropout) else layer(x)
+        return ops.squeeze(ops.sigmoid(self.logit_layer(x)), axis=-1)
+
+    def get_config(self):
+        emb = self.pair_embedding
+        config = super().get_config()
+        config.update(
+            {
+                "num_items": emb.num_items,
+                "num_attributes": emb.num_attributes,
+                "num_query_tokens": emb.num_query_tokens,
+                "num_queries": emb.num_queries,
+                "max_attributes": emb.max_attributes,
+                "text_dim": emb.text_dim,
+                "image_dim": emb.image_dim,
+                "query_text_dim": emb.query_text_dim,
+                "embedding_dim": emb.embedding_dim,
+                "num_heads": self.num_heads,
+                "query_weight": emb.query_weight,
+                "use_history": self.use_history,
+                "search": self.search,
+                "top_k": self.top_k,
+                "search_config": (
+                    dict(self.search_config) if self.search_config is not None else None
+                ),
+                "gsu_score_bias": self.gsu_score_bias,
+                "use_history_labels": self.use_history_labels,
+                "short_term_len": self.short_term_len,
+                "hidden_units": list(self.hidden_units),
+                "dropout": self.dropout,
+                "freeze_pretrained": self.freeze_pretrained,
+            }
+        )
+        return config
