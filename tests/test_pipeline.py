@@ -266,3 +266,19 @@ def test_movielens_end_to_end(movielens_dir, tmp_path):
     tables = np.load(out / spec.TABLES_FILE)
     assert 2900 <= tables["item_has_image"].sum() <= 2947
     assert stats["targets_per_split"]["train"] > 0.75 * stats["used_events"]
+
+
+def test_cli_passes_beam_options_and_runs_multi_process(tmp_path):
+    from seminar_tf.cli import main
+
+    events, items = _raw_tables(seed=6, users=5)
+    raw = tmp_path / "raw"
+    write_table(events, str(raw / "events.parquet"))
+    write_table(items, str(raw / "items.parquet"))
+    rc = main(
+        ["preprocess", "--events", str(raw), "--items", str(raw), "--out", str(tmp_path / "o"),
+         "--max-len", "4", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    )  # fmt: skip
+    assert rc == 0
+    stats = json.load(open(tmp_path / "o" / spec.STATS_FILE))
+    assert stats["used_events"] == events.num_rows and stats["accounting_ok"]
