@@ -173,6 +173,7 @@ class PlantedData:
 def make_planted_data(
     num_examples: int,
     seed: int = 0,
+    world_seed: int = 0,
     num_topics: int = 8,
     items_per_topic: int = 12,
     max_len: int = 20,
@@ -184,15 +185,17 @@ def make_planted_data(
     """A data set with a planted rule: ``label = 1`` iff the target item's topic appears
     anywhere in the history.
 
-    Items belong to topics; the first attribute of an item is its topic (so attributes
-    carry the signal), half of the items have a text vector near their topic's centre, no
-    image modality. Each example's history mostly comes from two favourite topics; the
-    target is from a favourite topic half of the time, else from any topic. The label rate
-    is about one half and the target alone says nothing about the label, so a model without
-    history stays near AUC 0.5 while one that matches the target against the history can
-    learn the rule.
+    The world (``world_seed``): items belong to topics; an item's first attribute is its
+    topic (so attributes carry the signal) and its second a noise attribute; half of the
+    items have a text vector near their topic's centre; there is no image modality; query
+    ``2 + t`` is about topic ``t``. The examples (``seed``): a history mostly from two
+    favourite topics; the target's topic is, with probability one half each, one of the
+    history's topics (label 1) or one it lacks (label 0). The target alone says nothing
+    about the label, so a model without history stays near AUC 0.5 while one that matches
+    the target against the history can learn the rule. Data sets with the same
+    ``world_seed`` share tables, so one can train on one and evaluate on another.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(world_seed)
     lo = spec.NUM_RESERVED_IDS
     num_items = lo + num_topics * items_per_topic
     item_topic = np.full(num_items, -1, np.int64)
@@ -238,6 +241,7 @@ def make_planted_data(
     qtokens[lo:, 0] = lo + np.arange(num_topics)
     qtokens[lo:, 1] = rng.integers(lo + num_topics, num_query_tokens, size=num_topics)
 
+    rng = np.random.default_rng([seed, 1])
     rows, hist_topics, targets = [], [], []
     for _ in range(num_examples):
         fav = rng.choice(num_topics, size=2, replace=False)
@@ -247,8 +251,10 @@ def make_planted_data(
         )
         rows.append(np.array([rng.choice(topic_items[t]) for t in topics], np.int64))
         hist_topics.append(set(topics.tolist()))
-        t_topic = int(rng.choice(fav)) if rng.random() < 0.5 else int(rng.integers(num_topics))
-        targets.append(int(rng.choice(topic_items[t_topic])))
+        present = sorted(set(topics.tolist()))
+        absent = sorted(set(range(num_topics)) - set(present))
+        pool = present if (rng.random() < 0.5 or not absent) else absent
+        targets.append(int(rng.choice(topic_items[int(rng.choice(pool))])))
     target_item = np.asarray(targets, np.int64)
     labels = np.array([item_topic[t] in h for t, h in zip(target_item, hist_topics)], np.float32)
     hist_item = _place(rows, max_len, padding, rng)

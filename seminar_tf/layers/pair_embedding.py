@@ -370,11 +370,15 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         return item_vector + lam * (query_vector - item_vector)
 
     def fuse(self, vectors: dict, masks: dict):
-        """Pair vectors ``[..., d]`` from :meth:`encode`'s (possibly transformed) outputs."""
+        """Pair vectors ``[..., d]`` from :meth:`encode`'s (possibly transformed) outputs;
+        zeros where the item is padding."""
         item = self.fuse_items(vectors, masks)
-        if QUERY_MODALITY in vectors:
-            return self.fuse_pair(item, vectors[QUERY_MODALITY], masks[QUERY_MODALITY])
-        return item
+        if QUERY_MODALITY not in vectors:
+            return item
+        pair = self.fuse_pair(item, vectors[QUERY_MODALITY], masks[QUERY_MODALITY])
+        if "id" in masks:  # a padded behaviour (item id 0) stays zero whatever its query
+            pair = pair * ops.expand_dims(ops.cast(masks["id"], pair.dtype), -1)
+        return pair
 
     def call(self, item_ids, query_ids=None, query_tokens=None):
         vectors, masks = self.encode(item_ids, query_ids, query_tokens)

@@ -57,7 +57,7 @@ class TopKSearch(keras.layers.Layer):
         scorer_cls = get_scorer_class(scorer)
         try:
             self.scorer = scorer_cls(name=f"{scorer}_scorer", **self.scorer_config)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"`scorer_config` does not fit scorer {scorer!r}: {e}") from e
 
     @property
@@ -66,6 +66,8 @@ class TopKSearch(keras.layers.Layer):
         return self.scorer.differentiable
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
+        if self.built:
+            return
         keys_shape = (target_shape[0], None, target_shape[-1]) if keys_shape is None else keys_shape
         self.scorer.build(target_shape, keys_shape, mask_shape)
         self.built = True

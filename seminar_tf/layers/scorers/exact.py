@@ -50,6 +50,8 @@ class ExactScorer(SearchScorer):
         )
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
+        if self.built:
+            return
         self.attention.build(target_shape, keys_shape)
         self.built = True
 

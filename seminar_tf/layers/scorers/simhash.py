@@ -39,6 +39,8 @@ class SimHashScorer(SearchScorer):
         self.seed = seed
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
+        if self.built:
+            return
         d = int(target_shape[-1])
         self.hyperplanes = self.add_weight(
             name="hyperplanes",

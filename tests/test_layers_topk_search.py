@@ -1,0 +1,156 @@
+"""Tests of TopKSearch and the scorer registry against numpy references."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from keras import ops  # noqa: E402
+
+from seminar_tf.layers import (  # noqa: E402
+    SearchScorer,
+    TopKSearch,
+    available_scorers,
+    get_scorer_class,
+    register_scorer,
+)
+
+B, D = 5, 8
+
+
+def data(length, seed=0):
+    rng = np.random.default_rng(seed)
+    target = rng.normal(size=(B, D)).astype(np.float32)
+    keys = rng.normal(size=(B, length, D)).astype(np.float32)
+    mask = rng.random((B, length)) < 0.7
+    mask[0] = True
+    mask[1] = False  # all padding
+    if length > 2:  # left-padded and right-padded rows
+        mask[2] = np.arange(length) >= length // 2
+        mask[3] = np.arange(length) < length // 2
+    return target, keys, mask
+
+
+def numpy_scores(search, target, keys):
+    """Independent numpy scores for each built-in scorer."""
+    name = search.scorer_name
+    if name == "soft":
+        return np.einsum("bd,bld->bl", target, keys)
+    if name == "recent":
+        return np.broadcast_to(np.arange(keys.shape[1], dtype=np.float32), keys.shape[:2])
+    if name == "simhash":
+        planes = ops.convert_to_numpy(search.scorer.hyperplanes)
+        t = (target @ planes) > 0
+        k = (keys @ planes) > 0
+        return (t[:, None, :] == k).sum(-1).astype(np.float32)
+    if name == "exact":
+        w = {v.name: ops.convert_to_numpy(v) for v in search.scorer.attention.weights}
+        q = np.einsum("bd,dhe->bhe", target, w["query_kernel"]) + w["query_bias"]
+        k = np.einsum("bld,dhe->blhe", keys, w["key_kernel"]) + w["key_bias"]
+        e = w["query_kernel"].shape[-1]
+        return (np.einsum("bhe,blhe->bhl", q, k) / np.sqrt(e)).mean(1)
+    raise AssertionError(name)
+
+
+def numpy_topk(scores, mask, k):
+    """Stable descending argsort over the real behaviours, padded with masked entries."""
+    n, length = scores.shape
+    idx = np.zeros((n, k), np.int64)
+    kept = np.zeros((n, k), bool)
+    top = np.zeros((n, k), np.float32)
+    for b in range(n):
+        real = np.flatnonzero(mask[b])
+        order = real[np.argsort(-scores[b, real], kind="stable")][:k]
+        idx[b, : len(order)] = order
+        kept[b, : len(order)] = True
+        top[b, : len(order)] = scores[b, order]
+    return idx, kept, top
+
+
+@pytest.mark.parametrize("scorer", ["exact", "soft", "recent", "simhash"])
+@pytest.mark.parametrize("length", [3, 7, 16])
+def test_topk_matches_numpy_argsort(scorer, length):
+    k = 6
+    config = {"num_heads": 2} if scorer == "exact" else {}
+    search = TopKSearch(k=k, scorer=scorer, scorer_config=config)
+    target, keys, mask = data(length)
+    indices, kept_mask, scores = search(target, keys, mask)
+    indices = ops.convert_to_numpy(indices)
+    kept_mask = ops.convert_to_numpy(kept_mask)
+    scores = ops.convert_to_numpy(scores)
+    assert indices.shape == kept_mask.shape == scores.shape == (B, k)
+    assert indices.dtype == np.int32 and kept_mask.dtype == bool
+    ref_scores = numpy_scores(search, target, keys)
+    all_scores = ops.convert_to_numpy(search.score_all(target, keys, mask))
+    np.testing.assert_allclose(all_scores[mask], ref_scores[mask], rtol=1e-4, atol=1e-4)
+    ref_idx, ref_kept, ref_top = numpy_topk(ref_scores, mask, k)
+    np.testing.assert_array_equal(kept_mask, ref_kept)
+    np.testing.assert_allclose(scores, ref_top, rtol=1e-4, atol=1e-4)
+    if scorer in ("recent", "simhash"):  # integer scores: ties broken by position
+        np.testing.assert_array_equal(indices, ref_idx)
+    else:
+        for b in range(B):  # same kept sets (float scores have no ties)
+            assert set(indices[b][kept_mask[b]]) == set(ref_idx[b][ref_kept[b]])
+    assert not kept_mask[1].any() and (indices[1] == 0).all()  # all padding
+    assert (indices < length).all() and (indices >= 0).all()
+    # Padding changes nothing.
+    keys2 = np.where(mask[..., None], keys, 50.0).astype(np.float32)
+    again = search(target, keys2, mask)
+    np.testing.assert_array_equal(ops.convert_to_numpy(again[1]), kept_mask)
+    np.testing.assert_allclose(ops.convert_to_numpy(again[2]), scores, rtol=1e-5, atol=1e-5)
+
+
+def test_recent_keeps_the_last_k_real_behaviours():
+    search = TopKSearch(k=3, scorer="recent")
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0]], bool)
+    keys = np.zeros((3, 6, D), np.float32)
+    indices, kept, _ = search(np.zeros((3, D), np.float32), keys, mask)
+    np.testing.assert_array_equal(ops.convert_to_numpy(indices), [[5, 4, 3], [1, 0, 0], [2, 0, 0]])
+    np.testing.assert_array_equal(ops.convert_to_numpy(kept), [[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+
+
+def test_registry():
+    assert {"exact", "soft", "recent", "simhash"} <= set(available_scorers())
+    with pytest.raises(ValueError, match="registered"):
+        TopKSearch(k=2, scorer="nope")
+    with pytest.raises(ValueError, match="scorer_config"):
+        TopKSearch(k=2, scorer="soft", scorer_config={"num_bits": 3})
+    with pytest.raises(ValueError, match="already registered"):
+        register_scorer("soft")(type("Other", (SearchScorer,), {}))
+
+    @register_scorer("test_negated_soft")
+    @keras.saving.register_keras_serializable(package="seminar_tf_tests")
+    class NegatedSoft(SearchScorer):
+        def call(self, target, keys, mask, target_parts=None, key_parts=None):
+            return -ops.einsum("bd,bld->bl", target, keys)
+
+    assert get_scorer_class("test_negated_soft") is NegatedSoft
+    target, keys, mask = data(7)
+    low = TopKSearch(k=3, scorer="test_negated_soft")(target, keys, mask)
+    ref = numpy_topk(-np.einsum("bd,bld->bl", target, keys), mask, 3)
+    np.testing.assert_array_equal(ops.convert_to_numpy(low[1]), ref[1])
+
+
+@pytest.mark.parametrize("scorer", ["exact", "simhash"])
+def test_validation_and_config_round_trip(scorer):
+    with pytest.raises(ValueError, match="`k`"):
+        TopKSearch(k=0)
+    search = TopKSearch(
+        k=4,
+        scorer=scorer,
+        scorer_config={"num_bits": 8} if scorer == "simhash" else {"num_heads": 2},
+    )
+    config = search.get_config()
+    assert TopKSearch.from_config(config).get_config() == config
+    target, keys, mask = data(7)
+    first = search(target, keys, mask)
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(search))
+    restored.build((None, D), (None, None, D))
+    restored.set_weights(search.get_weights())
+    second = restored(target, keys, mask)
+    for a, b in zip(first, second):
+        np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), atol=1e-6)
