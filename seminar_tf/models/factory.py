@@ -59,7 +59,8 @@ def _model_kwargs(cls, data_spec, config, what):
 def build_model(
     data_spec: spec.DataSpec, config: dict | None = None, tables: dict | None = None
 ) -> SeminarCTR:
-    """A :class:`SeminarCTR` for ``data_spec`` (uncompiled, unbuilt).
+    """A built, uncompiled :class:`SeminarCTR` for ``data_spec`` (create it inside a
+    ``tf.distribute`` strategy scope when training with one).
 
     Args:
         data_spec: sizes of the preprocessing output (``DataSpec.load(data_dir)``).
@@ -69,12 +70,16 @@ def build_model(
             ``"din"``, ``"full_attention"``, ``"dnn"``), overridden by the other keys.
         tables: the side tables (``np.load(tables.npz)`` as a dict), or None to set later.
     """
-    return SeminarCTR(**_model_kwargs(SeminarCTR, data_spec, config, "SeminarCTR"), tables=tables)
+    model = SeminarCTR(**_model_kwargs(SeminarCTR, data_spec, config, "SeminarCTR"), tables=tables)
+    model.build()
+    return model
 
 
 def build_psu(
     data_spec: spec.DataSpec, config: dict | None = None, tables: dict | None = None
 ) -> PSU:
-    """A :class:`PSU` for ``data_spec``; ``config`` holds PSU constructor arguments except
-    the data sizes (e.g. ``{"embedding_dim": 64, "align_weight": 0.1}``)."""
-    return PSU(**_model_kwargs(PSU, data_spec, config, "PSU"), tables=tables)
+    """A built, uncompiled :class:`PSU` for ``data_spec``; ``config`` holds PSU constructor
+    arguments except the data sizes (e.g. ``{"embedding_dim": 64, "align_weight": 0.1}``)."""
+    model = PSU(**_model_kwargs(PSU, data_spec, config, "PSU"), tables=tables)
+    model.build()
+    return model

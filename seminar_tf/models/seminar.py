@@ -25,6 +25,7 @@ from seminar_tf.layers.pair_embedding import QUERY_MODALITY, MultiModalPairEmbed
 from seminar_tf.layers.scorers import get_scorer_class
 from seminar_tf.layers.target_attention import MultiHeadTargetAttention
 from seminar_tf.layers.topk_search import TopKSearch
+from seminar_tf.models.psu import PSU
 
 NO_SEARCH = "all"
 
@@ -328,7 +329,7 @@ class SeminarCTR(keras.Model):
                 a different ``embedding_dim`` or a modality present in only one model); the
                 message names it. Nothing is assigned then.
         """
-        if not hasattr(psu, "pair_embedding"):
+        if not isinstance(psu, PSU):
             raise ValueError(f"`psu` must be a PSU model, got {type(psu).__name__}.")
         if not psu.built:
             psu.build()
