@@ -164,6 +164,99 @@ def _cmd_preprocess(args, beam_args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# seminar pretrain / train / evaluate
+# ---------------------------------------------------------------------------------------------
+def _train_config(args):
+    from seminar_tf.training import TrainConfig
+
+    model_overrides = {}
+    if getattr(args, "preset", None):
+        model_overrides["preset"] = args.preset
+    try:
+        cfg = TrainConfig.from_file(
+            args.config,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_len=args.max_len,
+            seed=args.seed,
+            steps_per_epoch=args.steps_per_epoch,
+            learning_rate=args.learning_rate,
+            distribute=args.distribute,
+        )
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config: {e}") from None
+    cfg.model = {**cfg.model, **model_overrides}
+    return cfg
+
+
+def _check_data_dir(path: str) -> None:
+    from seminar_tf import spec
+
+    if not os.path.exists(os.path.join(path, spec.SCHEMA_FILE)):
+        raise UsageError(f"{path}: not a `seminar preprocess` output (no {spec.SCHEMA_FILE})")
+
+
+def _cmd_pretrain(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    _check_data_dir(args.data)
+    from seminar_tf import training
+
+    cfg = _train_config(args)
+    _, history = training.pretrain(args.data, args.out, cfg)
+    print(json.dumps({k: round(float(v[-1]), 5) for k, v in history.items()}))
+    return 0
+
+
+def _cmd_train(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    _check_data_dir(args.data)
+    if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model.keras")):
+        raise UsageError(f"--pretrained {args.pretrained}: no model.keras (run seminar pretrain)")
+    from seminar_tf import training
+
+    cfg = _train_config(args)
+    _, history = training.train(args.data, args.out, cfg, pretrained=args.pretrained)
+    print(json.dumps({k: round(float(v[-1]), 5) for k, v in history.items()}))
+    return 0
+
+
+def _cmd_evaluate(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    _check_data_dir(args.data)
+    from seminar_tf import training
+
+    report = training.evaluate(
+        args.data, args.model, split=args.split, batch_size=args.batch_size,
+        num_negatives=args.negatives, max_ranked=args.max_ranked, seed=args.seed,
+    )  # fmt: skip
+    if args.report_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.report_json)), exist_ok=True)
+        with open(args.report_json, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report))
+    return 0
+
+
+def _add_train_args(p, with_pretrained: bool) -> None:
+    p.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--config", help="JSON file of TrainConfig fields (model settings in 'model')")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--distribute", choices=("none", "mirrored"))
+    if with_pretrained:
+        p.add_argument("--pretrained", help="a `seminar pretrain` model directory")
+        p.add_argument("--preset", help="model preset: seminar, twin, sim, eta, din, dnn, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seminar", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -203,6 +296,23 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--min-token-count", type=int, default=2)
     pre.add_argument("--min-query-count", type=int, default=1)
     pre.set_defaults(func=_cmd_preprocess)
+
+    pt = sub.add_parser("pretrain", help="pretrain the PSU (three tasks)")
+    _add_train_args(pt, with_pretrained=False)
+    pt.set_defaults(func=_cmd_pretrain)
+    tr = sub.add_parser("train", help="train the CTR model (optionally from a pretrained PSU)")
+    _add_train_args(tr, with_pretrained=True)
+    tr.set_defaults(func=_cmd_train)
+    ev = sub.add_parser("evaluate", help="AUC, GAUC, logloss, HR@K, NDCG@K on a split")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--report-json")
+    ev.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    ev.add_argument("--batch-size", type=int, default=512)
+    ev.add_argument("--negatives", type=int, default=99)
+    ev.add_argument("--max-ranked", type=int, help="rank at most this many positives")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_cmd_evaluate)
     return parser
 
 

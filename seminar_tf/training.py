@@ -1,0 +1,279 @@
+"""Training, pretraining and evaluation over a ``seminar preprocess`` output.
+
+A model directory holds:
+
+| path | what |
+| --- | --- |
+| ``model.keras`` | the trained model (best validation AUC for CTR, last epoch for PSU) |
+| ``config.json`` | the run's config (data dir, data spec, model and training settings) |
+| ``history.json`` | per-epoch losses and metrics (each PSU task loss separately) |
+| ``backup/`` | ``keras.callbacks.BackupAndRestore`` state: rerun to resume after interruption |
+| ``logs/`` | TensorBoard logs (TensorFlow backend) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from seminar_tf import spec
+
+log = logging.getLogger("seminar.train")
+
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Training settings; ``model`` holds the model constructor arguments (see
+    ``seminar_tf.models.factory``), e.g. ``{"preset": "seminar", "top_k": 50}``."""
+
+    batch_size: int = 256
+    epochs: int = 1
+    learning_rate: float = 1e-3
+    seed: int = 0
+    max_len: int | None = None  # None: the preprocessing max_len
+    history: str = "positive"
+    patience: int = 2
+    steps_per_epoch: int | None = None  # None: one pass over the split
+    validation_steps: int | None = None
+    shuffle_buffer: int = 20_000
+    distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
+    model: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path: str | None, **overrides) -> TrainConfig:
+        data = {}
+        if path:
+            with open(path) as f:
+                data = json.load(f)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s) {unknown}; allowed: {sorted(names)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        cfg = cls(**data)
+        if cfg.distribute not in ("none", "mirrored"):
+            raise ValueError(f"distribute must be 'none' or 'mirrored', got {cfg.distribute!r}")
+        return cfg
+
+
+class Throughput(keras.callbacks.Callback):
+    """Logs examples/s per epoch (into the history as ``examples_per_sec``)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = self._t1 = time.time()
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        self._t1 = time.time()  # validation, which follows, is not training throughput
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self._batches * self.batch_size / max(self._t1 - self._t0, 1e-9)
+        if logs is not None:
+            logs["examples_per_sec"] = rate
+        log.info("epoch %d: %.0f examples/s", epoch + 1, rate)
+
+
+def _split_count(data_dir: str, split: str, positives: bool) -> int:
+    with open(os.path.join(data_dir, spec.STATS_FILE)) as f:
+        stats = json.load(f)
+    key = "clicks_per_split" if positives else "targets_per_split"
+    return int(stats[key][split])
+
+
+def load_tables(data_dir: str) -> dict:
+    with np.load(os.path.join(data_dir, spec.TABLES_FILE)) as t:
+        return {k: t[k] for k in t.files}
+
+
+def _datasets(data_dir, cfg: TrainConfig, positives: bool):
+    from seminar_tf.data.dataset import make_dataset
+
+    targets = "positive" if positives else "all"
+    train = make_dataset(
+        data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, targets,
+        shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
+    )  # fmt: skip
+    valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, targets,
+                         repeat=True)  # fmt: skip
+    n_train = _split_count(data_dir, "train", positives)
+    n_valid = _split_count(data_dir, "valid", positives)
+    if n_train == 0:
+        raise ValueError(
+            f"{data_dir}: the train split has no {'clicks' if positives else 'targets'}"
+        )
+    steps = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
+    vsteps = cfg.validation_steps or max(1, math.ceil(n_valid / cfg.batch_size))
+    return train, (valid if n_valid else None), steps, vsteps
+
+
+def _strategy_scope(cfg: TrainConfig):
+    import contextlib
+
+    if cfg.distribute == "mirrored":
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError("distribute='mirrored' needs KERAS_BACKEND=tensorflow")
+        import tensorflow as tf
+
+        return tf.distribute.MirroredStrategy().scope()
+    return contextlib.nullcontext()
+
+
+def _save_run(out_dir, cfg, data_dir, kind, history, extra=None):
+    data_spec = spec.DataSpec.load(data_dir)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(
+            {
+                "kind": kind,
+                "data_dir": os.path.abspath(data_dir),
+                "data_spec": data_spec.to_json(),
+                "train": dataclasses.asdict(cfg),
+                "backend": keras.backend.backend(),
+                **(extra or {}),
+            },
+            f,
+            indent=2,
+        )
+    with open(os.path.join(out_dir, HISTORY_FILE), "w") as f:
+        json.dump({k: [float(x) for x in v] for k, v in history.items()}, f, indent=2)
+
+
+def _callbacks(out_dir, cfg, monitor=None):
+    cbs = [
+        keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
+        Throughput(cfg.batch_size),
+    ]
+    if keras.backend.backend() == "tensorflow":
+        cbs.append(keras.callbacks.TensorBoard(os.path.join(out_dir, "logs")))
+    if monitor:
+        cbs.append(
+            keras.callbacks.EarlyStopping(
+                monitor=monitor, mode="max", patience=cfg.patience, restore_best_weights=True
+            )
+        )
+    return cbs
+
+
+def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig):
+    """Fits a PSU on the train split's clicked targets; saves ``model.keras``."""
+    from seminar_tf.models.factory import build_psu
+
+    os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    data_spec = spec.DataSpec.load(data_dir)
+    train, valid, steps, vsteps = _datasets(data_dir, cfg, positives=True)
+    with _strategy_scope(cfg):
+        psu = build_psu(data_spec, cfg.model, tables=load_tables(data_dir))
+        psu.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    log.info("pretrain: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
+    hist = psu.fit(
+        train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
+        validation_steps=vsteps if valid is not None else None,
+        callbacks=_callbacks(out_dir, cfg), verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+    )  # fmt: skip
+    psu.save(os.path.join(out_dir, MODEL_FILE))
+    _save_run(out_dir, cfg, data_dir, "psu", hist.history)
+    return psu, hist.history
+
+
+def train(data_dir: str, out_dir: str, cfg: TrainConfig, pretrained: str | None = None):
+    """Fits the CTR model (optionally restoring a PSU from ``pretrained``); early-stops on
+    validation AUC and saves the best model."""
+    from seminar_tf.models.factory import build_model
+
+    os.makedirs(out_dir, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    data_spec = spec.DataSpec.load(data_dir)
+    train_ds, valid, steps, vsteps = _datasets(data_dir, cfg, positives=False)
+    restored = []
+    with _strategy_scope(cfg):
+        model = build_model(data_spec, cfg.model, tables=load_tables(data_dir))
+        model.build()
+        if pretrained:
+            psu = keras.saving.load_model(os.path.join(pretrained, MODEL_FILE))
+            restored = model.restore_pretrained(psu)
+            log.info("train: restored %d pretrained variables from %s", len(restored), pretrained)
+        model.compile(
+            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            loss="binary_crossentropy",
+            metrics=[
+                keras.metrics.AUC(name="auc"),
+                keras.metrics.BinaryCrossentropy(name="logloss"),
+            ],
+        )
+    log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
+    hist = model.fit(
+        train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
+        validation_steps=vsteps if valid is not None else None,
+        callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None),
+        verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+    )  # fmt: skip
+    model.save(os.path.join(out_dir, MODEL_FILE))
+    _save_run(out_dir, cfg, data_dir, "ctr", hist.history,
+              {"pretrained": os.path.abspath(pretrained) if pretrained else None,
+               "restored_variables": restored})  # fmt: skip
+    return model, hist.history
+
+
+def load_model(model_dir: str):
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE}; train a model first")
+    return keras.saving.load_model(path)
+
+
+def evaluate(
+    data_dir: str,
+    model_dir: str,
+    split: str = "test",
+    batch_size: int = 512,
+    num_negatives: int = 99,
+    max_ranked: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """The report of ``seminar evaluate``: CTR metrics and sampled-negatives ranking."""
+    from seminar_tf import evaluation
+    from seminar_tf.data.dataset import make_dataset
+
+    model = load_model(model_dir)
+    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+        run_cfg = json.load(f)
+    tcfg = run_cfg.get("train", {})
+    max_len, history = tcfg.get("max_len"), tcfg.get("history", "positive")
+    data_spec = spec.DataSpec.load(data_dir)
+
+    def predict(features):
+        return np.asarray(model.predict_on_batch(features)).reshape(-1)
+
+    ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True)
+    rank_ds = make_dataset(data_dir, split, max(1, batch_size // 100 * 2), max_len, history,
+                           targets="positive")  # fmt: skip
+    t0 = time.time()
+    report = evaluation.evaluate_ctr(predict, ds)
+    log.info("evaluate: CTR metrics on %d examples in %.1fs", report["examples"], time.time() - t0)
+    t1 = time.time()
+    report.update(
+        evaluation.evaluate_ranking(
+            predict, rank_ds, data_spec.num_items, num_negatives, seed=seed,
+            max_positives=max_ranked,
+        )
+    )  # fmt: skip
+    log.info("evaluate: ranking in %.1fs", time.time() - t1)
+    report.update({"split": split, "model_dir": os.path.abspath(model_dir),
+                   "data_dir": os.path.abspath(data_dir), "backend": keras.backend.backend()})  # fmt: skip
+    return report
