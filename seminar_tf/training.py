@@ -169,7 +169,7 @@ def _callbacks(out_dir, cfg, monitor=None):
     return cbs
 
 
-def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig):
+def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | None = None):
     """Fits a PSU on the train split's clicked targets; saves ``model.keras``."""
     from seminar_tf.models.factory import build_psu
 
@@ -184,14 +184,20 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig):
     hist = psu.fit(
         train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
         validation_steps=vsteps if valid is not None else None,
-        callbacks=_callbacks(out_dir, cfg), verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+        callbacks=_callbacks(out_dir, cfg) + list(callbacks or []), verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
     )  # fmt: skip
     psu.save(os.path.join(out_dir, MODEL_FILE))
     _save_run(out_dir, cfg, data_dir, "psu", hist.history)
     return psu, hist.history
 
 
-def train(data_dir: str, out_dir: str, cfg: TrainConfig, pretrained: str | None = None):
+def train(
+    data_dir: str,
+    out_dir: str,
+    cfg: TrainConfig,
+    pretrained: str | None = None,
+    callbacks: list | None = None,
+):
     """Fits the CTR model (optionally restoring a PSU from ``pretrained``); early-stops on
     validation AUC and saves the best model."""
     from seminar_tf.models.factory import build_model
@@ -220,7 +226,8 @@ def train(data_dir: str, out_dir: str, cfg: TrainConfig, pretrained: str | None 
     hist = model.fit(
         train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
         validation_steps=vsteps if valid is not None else None,
-        callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None),
+        callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None)
+        + list(callbacks or []),
         verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
     )  # fmt: skip
     model.save(os.path.join(out_dir, MODEL_FILE))

@@ -1,0 +1,123 @@
+"""Training runners and the pretrain/train/evaluate commands on a small preprocessing output."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from preprocessing.pipeline import PreprocessConfig, run
+from seminar_tf import spec, training
+from seminar_tf.data import synth
+
+FAST_MODEL = {"embedding_dim": 16, "num_heads": 2, "top_k": 8, "hidden_units": [32]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = synth.SynthConfig(num_users=60, num_items=300, min_events=20, max_events=200, seed=3)
+    paths = synth.write(synth.generate(cfg), str(tmp / "raw"))
+    out = str(tmp / "data")
+    run(
+        PreprocessConfig(
+            events=[paths["events"]], items=[paths["items"]], queries=[paths["queries"]],
+            out_dir=out, max_len=20,
+        )
+    )  # fmt: skip
+    return out
+
+
+def _cfg(**kw):
+    base = dict(epochs=1, batch_size=64, steps_per_epoch=4, validation_steps=2, model=FAST_MODEL)
+    return training.TrainConfig(**{**base, **kw})
+
+
+def test_cli_pretrain_train_evaluate_report(data_dir, tmp_path, monkeypatch):
+    from seminar_tf.cli import main
+
+    monkeypatch.setenv("SEMINAR_QUIET", "1")
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({"batch_size": 64, "validation_steps": 2, "model": FAST_MODEL}))
+    psu_cfg = tmp_path / "psu.json"
+    psu_model = {"embedding_dim": 16, "num_heads": 2}
+    psu_cfg.write_text(json.dumps({"batch_size": 64, "validation_steps": 2, "model": psu_model}))
+    psu_dir, ctr_dir = tmp_path / "psu", tmp_path / "ctr"
+    common = ["--epochs", "1", "--steps-per-epoch", "3"]
+    assert main(["pretrain", "--data", data_dir, "--out", str(psu_dir), "--config",
+                 str(psu_cfg), *common]) == 0  # fmt: skip
+    history = json.load(open(psu_dir / training.HISTORY_FILE))
+    for task in ("align_loss", "next_loss", "relevance_loss", "loss"):
+        assert task in history and np.isfinite(history[task][0])
+    assert main(["train", "--data", data_dir, "--out", str(ctr_dir), "--config", str(cfg_file),
+                 "--pretrained", str(psu_dir), *common]) == 0  # fmt: skip
+    run_cfg = json.load(open(ctr_dir / training.CONFIG_FILE))
+    assert run_cfg["kind"] == "ctr" and run_cfg["restored_variables"]
+    assert run_cfg["data_spec"]["num_items"] == spec.DataSpec.load(data_dir).num_items
+    report_path = tmp_path / "report.json"
+    assert main(["evaluate", "--data", data_dir, "--model", str(ctr_dir), "--report-json",
+                 str(report_path), "--max-ranked", "64"]) == 0  # fmt: skip
+    report = json.load(open(report_path))
+    for key in ("auc", "gauc", "logloss", "examples"):
+        assert key in report
+    for k in (1, 5, 10, 50):
+        assert 0.0 <= report[f"hr@{k}"] <= 1.0 and 0.0 <= report[f"ndcg@{k}"] <= 1.0
+    assert report["hr@1"] <= report["hr@5"] <= report["hr@10"] <= report["hr@50"]
+    assert (
+        report["examples"]
+        == json.load(open(os.path.join(data_dir, spec.STATS_FILE)))["targets_per_split"]["test"]
+    )
+
+
+def test_cli_rejects_a_folder_that_is_not_preprocessed(tmp_path, capsys):
+    from seminar_tf.cli import main
+
+    rc = main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not a `seminar preprocess` output" in err[0]
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated preemption")
+
+
+def test_training_resumes_after_interruption(data_dir, tmp_path):
+    out = str(tmp_path / "m")
+    cfg = _cfg(epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(data_dir, out, cfg, callbacks=[_Interrupt()])
+    assert os.path.isdir(os.path.join(out, "backup"))
+    _, history = training.train(data_dir, out, cfg)
+    # Epoch 1 was done before the interruption: only epochs 2 and 3 run now.
+    assert len(history["loss"]) == 2
+    assert os.path.exists(os.path.join(out, training.MODEL_FILE))
+
+
+def test_same_seed_same_weights(data_dir, tmp_path):
+    a, _ = training.train(data_dir, str(tmp_path / "a"), _cfg(steps_per_epoch=2))
+    b, _ = training.train(data_dir, str(tmp_path / "b"), _cfg(steps_per_epoch=2))
+    for va, vb in zip(a.weights, b.weights):
+        np.testing.assert_allclose(np.asarray(va), np.asarray(vb), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_predicts_like_the_trained_one(data_dir, tmp_path):
+    from seminar_tf.data.dataset import make_dataset
+
+    model, _ = training.train(data_dir, str(tmp_path / "m"), _cfg(steps_per_epoch=2))
+    loaded = training.load_model(str(tmp_path / "m"))
+    features, _ = next(iter(make_dataset(data_dir, "test", 32)))
+    np.testing.assert_allclose(
+        model.predict_on_batch(features), loaded.predict_on_batch(features), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_config_file_errors_name_the_key(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"epochz": 3}))
+    with pytest.raises(ValueError, match="epochz"):
+        training.TrainConfig.from_file(str(bad))
