@@ -154,3 +154,22 @@ def test_validation_and_config_round_trip(scorer):
     second = restored(target, keys, mask)
     for a, b in zip(first, second):
         np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), atol=1e-6)
+
+
+def test_exact_scorer_starts_as_inner_product_search():
+    target, keys, mask = data(12)
+    exact = TopKSearch(k=4, scorer="exact", scorer_config={"num_heads": 2})
+    soft = TopKSearch(k=4, scorer="soft")
+    e_idx, e_kept, e_scores = (ops.convert_to_numpy(t) for t in exact(target, keys, mask))
+    s_idx, s_kept, s_scores = (ops.convert_to_numpy(t) for t in soft(target, keys, mask))
+    np.testing.assert_array_equal(e_idx, s_idx)
+    np.testing.assert_array_equal(e_kept, s_kept)
+    # mean over 2 heads of (t_h . x_h) / sqrt(4) == (t . x) / (2 * 2)
+    np.testing.assert_allclose(e_scores, s_scores / 4.0, rtol=1e-5, atol=1e-5)
+    random = TopKSearch(
+        k=4, scorer="exact", scorer_config={"num_heads": 2, "initialization": "random"}
+    )
+    random(target, keys, mask)
+    assert not np.allclose(
+        ops.convert_to_numpy(random.scorer.attention.query_kernel).reshape(D, D), np.eye(D)
+    )

@@ -11,6 +11,21 @@ from seminar_tf.layers import _ops
 
 
 @keras.saving.register_keras_serializable(package="seminar_tf")
+class HeadIdentity(keras.initializers.Initializer):
+    """Initializer of a ``[d_in, heads, head_dim]`` kernel as the identity ``eye(d_in,
+    heads * head_dim)`` split into heads, so that at initialisation the per-head logits sum
+    to the plain inner product of target and key (scaled by ``1 / sqrt(head_dim)``)."""
+
+    def __call__(self, shape, dtype=None):
+        d_in, heads, head_dim = shape
+        eye = ops.eye(d_in, heads * head_dim, dtype=dtype or "float32")
+        return ops.reshape(eye, shape)
+
+    def get_config(self):
+        return {}
+
+
+@keras.saving.register_keras_serializable(package="seminar_tf")
 class MultiHeadTargetAttention(keras.layers.Layer):
     """Multi-head attention of a target vector over a sequence of keys, with a mask.
 

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from seminar_tf.layers.scorers.base import SearchScorer, register_scorer
-from seminar_tf.layers.target_attention import MultiHeadTargetAttention
+from seminar_tf.layers.target_attention import HeadIdentity, MultiHeadTargetAttention
 
 
 @register_scorer("exact")
@@ -24,6 +24,10 @@ class ExactScorer(SearchScorer):
         num_heads: attention heads.
         head_dim: size per head; default ``d // num_heads``.
         reduction: ``"mean"`` or ``"sum"`` over heads.
+        initialization: ``"identity"`` (default): the query/key kernels start as the
+            identity split into heads, so before training (or restoring) the scores rank
+            behaviours like the plain inner product (SIM's soft search) rather than at
+            random; ``"random"``: Glorot-uniform kernels.
         **kwargs: ``keras.layers.Layer`` arguments.
 
     Example:
@@ -37,16 +41,30 @@ class ExactScorer(SearchScorer):
     differentiable = True
 
     def __init__(
-        self, num_heads: int = 4, head_dim: int | None = None, reduction: str = "mean", **kwargs
+        self,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        reduction: str = "mean",
+        initialization: str = "identity",
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+        if initialization not in ("identity", "random"):
+            raise ValueError(
+                f"`initialization` must be 'identity' or 'random', got {initialization!r}."
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.reduction = reduction
+        self.initialization = initialization
         self.attention = MultiHeadTargetAttention(
-            num_heads=num_heads, head_dim=head_dim, scores_only=True, name="attention"
+            num_heads=num_heads,
+            head_dim=head_dim,
+            scores_only=True,
+            kernel_initializer=HeadIdentity() if initialization == "identity" else "glorot_uniform",
+            name="attention",
         )
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
@@ -62,6 +80,11 @@ class ExactScorer(SearchScorer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"num_heads": self.num_heads, "head_dim": self.head_dim, "reduction": self.reduction}
+            {
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "reduction": self.reduction,
+                "initialization": self.initialization,
+            }
         )
         return config
