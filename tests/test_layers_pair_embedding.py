@@ -69,8 +69,9 @@ def test_shapes_and_modalities(data_spec, modalities, query):
     assert np.isfinite(np_(pair)).all()
 
 
-def test_vectors_match_numpy_reference():
-    layer = make_layer()
+@pytest.mark.parametrize("project_first", [True, False])
+def test_vectors_match_numpy_reference(project_first):
+    layer = make_layer(project_tables_first=project_first)
     tables = layer.get_tables()
     x = batch()
     ids, qids, tokens = x["hist_item"], x["hist_query"], x["hist_query_tokens"]

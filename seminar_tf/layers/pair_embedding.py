@@ -24,6 +24,7 @@ _TABLE_LAYOUT = {
     "query_has_text": ("float32", "num_queries", None, "query_text"),
 }
 assert set(_TABLE_LAYOUT) == set(spec.TABLE_ARRAYS)
+_PROJECT_FIRST_MAX_ROWS = 262_144
 
 
 def _check_int(name, value, minimum):
@@ -86,6 +87,11 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         embeddings_initializer: initializer of the id, attribute and token embeddings.
         embeddings_regularizer: optional regularizer of those embeddings.
         tables: optional ``{name: array}`` of table values (not part of ``get_config``).
+        project_tables_first: project a whole vector table and then gather rows (True), or
+            gather rows and project them (False). Both give the same vectors; the first costs
+            ``rows x dim x d`` per call, the second ``lookups x dim x d``, so it wins for the
+            catalogs of a few hundred thousand items that a batch of long histories touches
+            many times over. None (default) picks it for tables of <= 262,144 rows.
         **kwargs: other ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
 
     Example:
@@ -115,9 +121,15 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         embeddings_initializer="uniform",
         embeddings_regularizer=None,
         tables: dict | None = None,
+        project_tables_first: bool | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if project_tables_first is not None and not isinstance(project_tables_first, bool):
+            raise ValueError(
+                f"`project_tables_first` must be True, False or None, got {project_tables_first!r}."
+            )
+        self.project_tables_first = project_tables_first
         self.num_items = _check_int("num_items", num_items, spec.NUM_RESERVED_IDS)
         self.num_attributes = _check_int("num_attributes", num_attributes, 0)
         self.num_query_tokens = _check_int("num_query_tokens", num_query_tokens, 0)
@@ -272,6 +284,15 @@ class MultiModalPairEmbedding(keras.layers.Layer):
     def _take(self, table, ids):
         return ops.take(table, ids, axis=0)
 
+    def _project_take(self, projection, table_name, ids):
+        table = self._tables[table_name]
+        first = self.project_tables_first
+        if first is None:
+            first = table.shape[0] <= _PROJECT_FIRST_MAX_ROWS
+        if first:
+            return self._take(projection(table), ids)
+        return projection(self._take(table, ids))
+
     def encode(self, item_ids, query_ids=None, query_tokens=None):
         """Per-modality vectors and presence masks.
 
@@ -304,11 +325,11 @@ class MultiModalPairEmbedding(keras.layers.Layer):
             put("attr", attr, ops.logical_and(item_mask, ops.any(attr_mask, axis=-1)))
         if self.text_dim:
             present = ops.logical_and(item_mask, self._take(self._tables["item_has_text"], ids) > 0)
-            text = self.text_projection(self._take(self._tables["item_text_vectors"], ids))
+            text = self._project_take(self.text_projection, "item_text_vectors", ids)
             put("text", text, present)
         if self.image_dim:
             has = self._take(self._tables["item_has_image"], ids) > 0
-            image = self.image_projection(self._take(self._tables["item_image_vectors"], ids))
+            image = self._project_take(self.image_projection, "item_image_vectors", ids)
             put("image", image, ops.logical_and(item_mask, has))
 
         if self.use_query and (query_ids is not None or query_tokens is not None):
@@ -328,7 +349,7 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                     ops.not_equal(qids, 0), self._take(self._tables["query_has_text"], qids) > 0
                 )
                 parts.append(
-                    self.query_text_projection(self._take(self._tables["query_text_vectors"], qids))
+                    self._project_take(self.query_text_projection, "query_text_vectors", qids)
                 )
                 present_parts.append(has)
             if parts:
@@ -401,6 +422,7 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                 "image_dim": self.image_dim,
                 "query_text_dim": self.query_text_dim,
                 "query_weight": self.query_weight,
+                "project_tables_first": self.project_tables_first,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
                 "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
             }
