@@ -48,6 +48,7 @@ class TrainConfig:
     validation_steps: int | None = None
     shuffle_buffer: int = 20_000
     distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
+    bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
     model: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -108,9 +109,10 @@ def _datasets(data_dir, cfg: TrainConfig, positives: bool):
     train = make_dataset(
         data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, targets,
         shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
+        bucket_by_length=cfg.bucket_by_length,
     )  # fmt: skip
     valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, targets,
-                         repeat=True)  # fmt: skip
+                         repeat=True, trim=True)  # fmt: skip
     n_train = _split_count(data_dir, "train", positives)
     n_valid = _split_count(data_dir, "valid", positives)
     if n_train == 0:
@@ -267,9 +269,9 @@ def evaluate(
     def predict(features):
         return np.asarray(model.predict_on_batch(features)).reshape(-1)
 
-    ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True)
+    ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True, trim=True)
     rank_ds = make_dataset(data_dir, split, max(1, batch_size // 100 * 2), max_len, history,
-                           targets="positive")  # fmt: skip
+                           targets="positive", trim=True)  # fmt: skip
     t0 = time.time()
     report = evaluation.evaluate_ctr(predict, ds)
     log.info("evaluate: CTR metrics on %d examples in %.1fs", report["examples"], time.time() - t0)

@@ -282,3 +282,24 @@ def test_cli_passes_beam_options_and_runs_multi_process(tmp_path):
     assert rc == 0
     stats = json.load(open(tmp_path / "o" / spec.STATS_FILE))
     assert stats["used_events"] == events.num_rows and stats["accounting_ok"]
+
+
+def test_trim_and_buckets_keep_every_example_and_its_window(small_run):
+    from seminar_tf.data.dataset import make_dataset
+
+    out, _, _ = small_run
+
+    def rows(**kw):
+        got = []
+        for f, y in make_dataset(out, "train", 16, history="all", include_meta=True, **kw):
+            width = f["hist_item"].shape[1]
+            assert width in (8,) or width >= (f["hist_item"].numpy() != 0).sum(1).max()
+            for b in range(len(y)):
+                h = f["hist_item"][b].numpy()
+                got.append((f["user_id"][b].numpy(), int(f["timestamp"][b]),
+                            int(f["target_item"][b]), tuple(h[h != 0])))  # fmt: skip
+        return sorted(got)
+
+    full = rows()
+    assert rows(trim=True) == full
+    assert rows(bucket_by_length=True) == full

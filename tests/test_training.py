@@ -121,3 +121,21 @@ def test_config_file_errors_name_the_key(tmp_path):
     bad.write_text(json.dumps({"epochz": 3}))
     with pytest.raises(ValueError, match="epochz"):
         training.TrainConfig.from_file(str(bad))
+
+
+def test_trimmed_history_gives_the_same_predictions(data_dir, tmp_path):
+    from seminar_tf.data.dataset import make_dataset, trim_history
+
+    model, _ = training.train(data_dir, str(tmp_path / "m"), _cfg(steps_per_epoch=2))
+    features, _ = next(iter(make_dataset(data_dir, "test", 64)))
+    # Keep only the 5 most recent behaviours, so the batch can be trimmed to width 8.
+    features = {
+        k: (v.numpy() * (np.arange(20) >= 15).reshape((1, 20) + (1,) * (v.ndim - 2)))
+        if k.startswith("hist_") else v.numpy()
+        for k, v in features.items()
+    }  # fmt: skip
+    trimmed = {k: np.asarray(v) for k, v in trim_history(features, 20).items()}
+    assert trimmed["hist_item"].shape[1] < features["hist_item"].shape[1]
+    np.testing.assert_allclose(
+        model.predict_on_batch(features), model.predict_on_batch(trimmed), rtol=1e-5, atol=1e-6
+    )
