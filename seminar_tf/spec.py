@@ -180,3 +180,134 @@ class DataSpec:
     def load(cls, data_dir: str) -> DataSpec:
         with open(os.path.join(data_dir, SCHEMA_FILE)) as f:
             return cls.from_json(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: the signatures of the exported SavedModels (``export/``) and of the client
+# (``serving/``). Two models: ``retrieval`` (the GSU: top-K search over the lifelong history)
+# and ``ranking`` (ESU + MLP over the K kept behaviours). Each has a raw signature (identifiers
+# as the logs have them: string item ids, raw query text; the vocabulary lookup and the query
+# tokenisation run inside the SavedModel) and an encoded one (the int64 ids above).
+#
+# The retrieval outputs named ``kept_*`` are exactly the ranking inputs of the same names, so a
+# client pipes one stage into the other. Shape symbols: "L" history length (any, per request),
+# "K" the model's top_k, "Q" query tokens per query, "D" the embedding size. A history is
+# padded with "" (strings) / 0 (ids), most recent LAST, as the tf.data reader yields it.
+# ---------------------------------------------------------------------------------------------
+RETRIEVAL_MODEL = "retrieval"
+RANKING_MODEL = "ranking"
+SERVING_MODELS = (RETRIEVAL_MODEL, RANKING_MODEL)
+
+TARGET_FEATURES = tuple(f for f in MODEL_FEATURES if f.name.startswith("target_"))
+HISTORY_FEATURES = tuple(f for f in MODEL_FEATURES if f.name.startswith("hist_"))
+KEPT_FEATURES = (
+    FeatureSpec(
+        "kept_item", "int64", ("K",), PAD_ID, "item ids of the kept behaviours, best first"
+    ),
+    FeatureSpec("kept_query", "int64", ("K",), PAD_ID, "query ids of the kept behaviours"),
+    FeatureSpec("kept_query_tokens", "int64", ("K", "Q"), PAD_ID, "kept behaviours' query tokens"),
+    FeatureSpec("kept_label", "int64", ("K",), PAD_ID, "click labels of the kept behaviours"),
+    FeatureSpec("kept_score", "float32", ("K",), 0.0, "first-stage score (0 where none kept)"),
+)
+KEPT_POSITION = FeatureSpec(
+    "kept_position", "int64", ("K",), -1,
+    "position of each kept behaviour in the request's history; -1 where fewer than K are real",
+)  # fmt: skip
+SHORT_TERM = FeatureSpec(
+    "short_term", "float32", ("D",), 0.0,
+    "mean pair vector of the last short_term_len behaviours (models with short_term_len > 0)",
+)  # fmt: skip
+PROBABILITY = FeatureSpec("probability", "float32", (), 0.0, "click probability of the target")
+
+# A model feature's vocabulary, by the suffix of its name (``None``: not an id).
+_VOCAB_SUFFIXES = (("_query_tokens", "query_token"), ("_item", "item"), ("_query", "query"))
+
+
+def vocab_kind(name: str) -> str | None:
+    """The ``VOCAB_FILES`` kind a feature's ids come from (``"item"``, ``"query"``,
+    ``"query_token"``), or None for a feature that is not an id (labels, scores)."""
+    for suffix, kind in _VOCAB_SUFFIXES:
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def raw_feature(feature: FeatureSpec) -> FeatureSpec | None:
+    """The raw-signature form of an encoded feature: item ids become strings as in the logs,
+    query ids become the raw query text (whose tokens are computed inside the SavedModel, so
+    ``*_query_tokens`` has no raw form: None); other features are unchanged."""
+    kind = vocab_kind(feature.name)
+    if kind == "query_token":
+        return None
+    if kind == "item":
+        desc = f"{feature.description} as in the logs ('' = padding, unknown = OOV)"
+        return FeatureSpec(feature.name, "string", feature.shape, "", desc)
+    if kind == "query":
+        desc = "raw query text ('' = no query), normalised and tokenised in the SavedModel"
+        return FeatureSpec(feature.name, "string", feature.shape, "", desc)
+    return feature
+
+
+def _raw(features: tuple) -> tuple:
+    return tuple(r for r in (raw_feature(f) for f in features) if r is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureSpec:
+    """One serving signature: the SavedModel it belongs to, its key, and its flat named
+    inputs and outputs (each with a leading batch dimension added at export)."""
+
+    model: str
+    name: str
+    encoded: bool
+    inputs: tuple
+    outputs: tuple
+
+
+SERVING_SIGNATURES = {
+    s.name: s
+    for s in (
+        SignatureSpec(
+            RETRIEVAL_MODEL, "retrieve", False,
+            _raw(TARGET_FEATURES + HISTORY_FEATURES), (KEPT_POSITION,) + _raw(KEPT_FEATURES),
+        ),
+        SignatureSpec(
+            RETRIEVAL_MODEL, "retrieve_encoded", True,
+            TARGET_FEATURES + HISTORY_FEATURES, (KEPT_POSITION,) + KEPT_FEATURES,
+        ),
+        SignatureSpec(
+            RANKING_MODEL, "rank", False, _raw(TARGET_FEATURES + KEPT_FEATURES), (PROBABILITY,)
+        ),
+        SignatureSpec(
+            RANKING_MODEL, "rank_encoded", True, TARGET_FEATURES + KEPT_FEATURES, (PROBABILITY,)
+        ),
+    )
+}  # fmt: skip
+# ``serving_default`` of each model is its raw signature.
+DEFAULT_SIGNATURES = {RETRIEVAL_MODEL: "retrieve", RANKING_MODEL: "rank"}
+SERVING_RAW_FEATURES = {n: s.inputs for n, s in SERVING_SIGNATURES.items() if not s.encoded}
+SERVING_ENCODED_FEATURES = {n: s.inputs for n, s in SERVING_SIGNATURES.items() if s.encoded}
+
+
+def serving_signature(
+    name: str, short_term: bool = False, extra_inputs: tuple = ()
+) -> SignatureSpec:
+    """The :class:`SignatureSpec` ``name`` with the optional features of one model: the
+    ``short_term`` vector (retrieval output and ranking input of a model with
+    ``short_term_len > 0``) and ``extra_inputs`` of the retrieval (features a GSU scorer
+    declares, e.g. stored product-quantization codes)."""
+    if name not in SERVING_SIGNATURES:
+        raise ValueError(f"Unknown serving signature {name!r}; known: {sorted(SERVING_SIGNATURES)}")
+    sig = SERVING_SIGNATURES[name]
+    inputs, outputs = sig.inputs, sig.outputs
+    if sig.model == RETRIEVAL_MODEL:
+        inputs = inputs + tuple(extra_inputs)
+        outputs = outputs + ((SHORT_TERM,) if short_term else ())
+    elif short_term:
+        inputs = inputs + (SHORT_TERM,)
+    return dataclasses.replace(sig, inputs=inputs, outputs=outputs)
+
+
+def resolve_serving_shape(shape: tuple, sizes: dict) -> tuple:
+    """``shape`` with its symbols replaced from ``sizes`` (e.g. ``{"L": None, "K": 50}``)."""
+    return tuple(sizes.get(d, d) if isinstance(d, str) else d for d in shape)

@@ -416,6 +416,135 @@ class SeminarCTR(keras.Model):
             x = layer(x, training=training) if isinstance(layer, keras.layers.Dropout) else layer(x)
         return ops.squeeze(ops.sigmoid(self.logit_layer(x)), axis=-1)
 
+    # ----------------------------------------------------------------------------- serving
+    # The two stages of ``call`` as separate methods, for the exported retrieval and ranking
+    # models: ``rank(target + gather_kept(inputs, retrieve(inputs)))`` equals ``call(inputs)``.
+    def _require_cascade(self, what: str) -> None:
+        if not self.use_history or self.gsu is None:
+            raise ValueError(
+                f"`{what}` needs a two-stage model (use_history=True and a GSU scorer); this "
+                f"model has use_history={self.use_history}, search={self.search!r}."
+            )
+
+    def _encode_target(self, inputs):
+        emb = self.pair_embedding
+        t_vec, t_mask = emb.encode(
+            inputs["target_item"], inputs["target_query"], inputs["target_query_tokens"]
+        )
+        return t_vec, t_mask, emb.fuse(t_vec, t_mask)
+
+    def _mlp_head(self, features, training=None):
+        x = ops.concatenate(features, axis=-1)
+        for layer in self.mlp_layers:
+            x = layer(x, training=training) if isinstance(layer, keras.layers.Dropout) else layer(x)
+        return ops.squeeze(ops.sigmoid(self.logit_layer(x)), axis=-1)
+
+    def retrieve(self, inputs, extra_key_parts: dict | None = None):
+        """The first stage alone: the GSU's top-K search over the history.
+
+        Args:
+            inputs: ``spec.TARGET_FEATURES`` and ``spec.HISTORY_FEATURES`` (``hist_label`` is
+                not needed) with a batch dimension, history ``[B, L]`` of any ``L``.
+            extra_key_parts: optional ``{name: tensor}`` passed to the scorer inside
+                ``key_parts`` (inputs a scorer declares, e.g. stored product-quantization
+                codes ``[B, L, ...]``).
+
+        Returns:
+            ``{"indices": [B, K] int32, "kept_mask": [B, K] bool, "scores": [B, K] float32}``
+            as :class:`TopKSearch` returns them (index 0 and score 0 where nothing is kept),
+            plus ``"short_term": [B, d]`` when ``short_term_len > 0``.
+        """
+        self._require_cascade("retrieve")
+        emb = self.pair_embedding
+        t_vec, t_mask, target_pair = self._encode_target(inputs)
+        hist_item = inputs["hist_item"]
+        mask = ops.not_equal(hist_item, 0)
+        h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+        hist_pair = None
+        if self.gsu_modalities:
+
+            def project(vectors):
+                return {
+                    m: getattr(self, f"gsu_projection_{m}")(v) if m in self.gsu_modalities else v
+                    for m, v in vectors.items()
+                }
+
+            t_parts, h_parts = project(t_vec), project(h_vec)
+            gsu_target, gsu_keys = emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask)
+        else:
+            t_parts, h_parts = t_vec, h_vec
+            hist_pair = emb.fuse(h_vec, h_mask)
+            gsu_target, gsu_keys = target_pair, hist_pair
+        if extra_key_parts:
+            h_parts = {**h_parts, **extra_key_parts}
+        indices, kept_mask, scores = self.gsu(
+            gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts
+        )
+        out = {"indices": indices, "kept_mask": kept_mask, "scores": scores}
+        if self.short_term_len:
+            if hist_pair is None:
+                hist_pair = emb.fuse(h_vec, h_mask)
+            out["short_term"] = self._short_term(hist_pair, mask)
+        return out
+
+    def gather_kept(self, inputs, retrieved) -> dict:
+        """The ranking inputs ``spec.KEPT_FEATURES`` (``kept_item``, ``kept_query``,
+        ``kept_query_tokens``, ``kept_label``, ``kept_score``, each ``[B, K...]``) gathered
+        from the history ``inputs`` at :meth:`retrieve`'s indices; 0 where nothing is kept
+        (so a kept item id of 0 marks an empty slot)."""
+        indices, kept = retrieved["indices"], retrieved["kept_mask"]
+
+        def take(x):
+            x = ops.convert_to_tensor(x)
+            idx = indices
+            for _ in range(len(x.shape) - 2):
+                idx = ops.expand_dims(idx, -1)
+            if len(x.shape) > 2:
+                idx = ops.broadcast_to(idx, tuple(ops.shape(idx)[:2]) + tuple(ops.shape(x)[2:]))
+            value = ops.take_along_axis(x, idx, axis=1)
+            keep = ops.cast(kept, value.dtype)
+            for _ in range(len(x.shape) - 2):
+                keep = ops.expand_dims(keep, -1)
+            return value * keep
+
+        return {
+            "kept_item": take(inputs["hist_item"]),
+            "kept_query": take(inputs["hist_query"]),
+            "kept_query_tokens": take(inputs["hist_query_tokens"]),
+            "kept_label": take(inputs["hist_label"]),
+            "kept_score": ops.where(kept, ops.cast(retrieved["scores"], "float32"), 0.0),
+        }
+
+    def rank(self, inputs, training=None):
+        """The second stage alone: ESU attention over the kept behaviours, then the MLP.
+
+        Args:
+            inputs: ``spec.TARGET_FEATURES`` and ``spec.KEPT_FEATURES`` ``[B, K...]`` (a kept
+                item id of 0 is an empty slot), plus ``short_term`` ``[B, d]`` when
+                ``short_term_len > 0``.
+
+        Returns:
+            The click probability ``[B]`` (float32), as ``call``.
+        """
+        self._require_cascade("rank")
+        emb = self.pair_embedding
+        _, _, target_pair = self._encode_target(inputs)
+        kept_item = inputs["kept_item"]
+        kept_mask = ops.not_equal(kept_item, 0)
+        k_vec, k_mask = emb.encode(kept_item, inputs["kept_query"], inputs["kept_query_tokens"])
+        keys = emb.fuse(k_vec, k_mask)
+        if self.use_history_labels:
+            labels = ops.clip(ops.cast(inputs["kept_label"], "int32"), 0, 1)
+            keys = keys + ops.take(self.history_label_embeddings, labels, axis=0)
+        bias = None
+        if self._use_gsu_bias:
+            bias = self.gsu_bias_weight * ops.cast(inputs["kept_score"], keys.dtype)
+        pooled, _ = self.esu(target_pair, keys, kept_mask, score_bias=bias, training=training)
+        features = [target_pair, pooled, target_pair * pooled]
+        if self.short_term_len:
+            features.append(ops.cast(inputs["short_term"], target_pair.dtype))
+        return self._mlp_head(features, training=training)
+
     def get_config(self):
         emb = self.pair_embedding
         config = super().get_config()
