@@ -241,6 +241,75 @@ def _cmd_evaluate(args, extra) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# seminar export / serve / query / score (export/ and serving/ hold the work)
+# ---------------------------------------------------------------------------------------------
+def _cmd_export(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    from export.writer import export_models
+
+    result = export_models(
+        args.model, args.out, version=args.version, max_len=args.max_len, data_dir=args.data,
+        serving_base_path=args.serving_base_path,
+    )  # fmt: skip
+    print(json.dumps({"version": result.version, "models": result.paths,
+                      "models_config": result.models_config,
+                      "batching_parameters": result.batching_parameters}))  # fmt: skip
+    return 0
+
+
+def _cmd_serve(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    from serving.local_server import LocalServer
+
+    server = LocalServer.from_export(
+        args.export, grpc_port=args.grpc_port, rest=args.rest_port is not None,
+        rest_port=args.rest_port or 0, host=args.host,
+    )  # fmt: skip
+    log.info("serve: gRPC on %s, REST on %s (Ctrl-C stops)", server.grpc_target, server.rest_url)
+    print(json.dumps({"grpc": server.grpc_target, "rest": server.rest_url}), flush=True)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def _cmd_query(args, extra) -> int:
+    if extra:
+        raise UsageError(f"unknown options: {' '.join(extra)}")
+    from serving.client import CascadeClient, ServingError
+
+    try:
+        with open(args.request) as f:
+            request = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--request: {e}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("candidates"), list):
+        raise UsageError('--request: expects {"history": [...], "candidates": [...]}')
+    client = CascadeClient(args.server, protocol=args.protocol, timeout_s=args.timeout)
+    try:
+        ranked = client.rank_candidates(request.get("history", []), request["candidates"])
+    except ServingError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        client.close()
+    print(json.dumps({"ranked": ranked}, indent=2))
+    return 0
+
+
+def _cmd_score(args, beam_args) -> int:
+    _check_data_dir(args.data)
+    from serving.scoring import score
+
+    stats = score(args.data, args.export, args.out, split=args.split,
+                  batch_size=args.batch_size, beam_args=beam_args)  # fmt: skip
+    print(json.dumps(stats))
+    return 0
+
+
 def _add_train_args(p, with_pretrained: bool) -> None:
     p.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
     p.add_argument("--out", required=True, help="model directory to write")
@@ -313,6 +382,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-ranked", type=int, help="rank at most this many positives")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_cmd_evaluate)
+
+    ex = sub.add_parser("export", help="SavedModels for TF Serving: retrieval and ranking")
+    ex.add_argument("--model", required=True, help="a `seminar train` model directory")
+    ex.add_argument("--out", required=True, help="export base directory (versions go under it)")
+    ex.add_argument("--version", type=int, help="integer version (default: next free)")
+    ex.add_argument("--max-len", type=int, help="longest history searched (default: training's)")
+    ex.add_argument("--data", help="the model's preprocessing output (default: from config.json)")
+    ex.add_argument("--serving-base-path", help="where --out is on the server, for models.config")
+    ex.set_defaults(func=_cmd_export)
+    sv = sub.add_parser("serve", help="local stand-in for TF Serving (gRPC + REST) over an export")
+    sv.add_argument("--export", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--grpc-port", type=int, default=8500)
+    sv.add_argument("--rest-port", type=int, help="also serve the REST API on this port")
+    sv.set_defaults(func=_cmd_serve)
+    qu = sub.add_parser("query", help="rank candidates for one history through the cascade")
+    qu.add_argument("--server", default="127.0.0.1:8500", help="host:port, or http://host:port")
+    qu.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
+    qu.add_argument("--request", required=True, help='JSON {"history": [...], "candidates": [...]}')
+    qu.add_argument("--timeout", type=float, default=5.0)
+    qu.set_defaults(func=_cmd_query)
+    sc = sub.add_parser(
+        "score", help="batch scoring with the exported cascade (Beam RunInference; unknown "
+        "options go to Beam)",
+    )  # fmt: skip
+    sc.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
+    sc.add_argument("--export", required=True, help="a `seminar export` output directory")
+    sc.add_argument("--out", required=True, help="directory for scores-*.parquet")
+    sc.add_argument("--split", choices=("train", "valid", "test"), default="test")
+    sc.add_argument("--batch-size", type=int, default=256)
+    sc.set_defaults(func=_cmd_score)
     return parser
 
 

@@ -1,0 +1,328 @@
+"""The serving graphs: flat named ``tf.function`` signatures around SeminarCTR's two stages.
+
+Every signature takes the flat named inputs of ``spec.SERVING_SIGNATURES`` with a leading
+batch dimension and returns a dict of outputs that all keep it. The raw signatures run the
+preprocessing's encoding inside the graph: item ids are stripped and looked up, query text is
+normalised (strip + lower-case, ``seminar_tf.text.normalize_query``), looked up as a whole in
+the query vocabulary and split into at most ``Q`` tokens (``seminar_tf.text.tokenize_query``)
+looked up in the token vocabulary; every lookup is a ``keras.layers.StringLookup`` over the
+preprocessing's ``vocab/*.txt`` (carried into the SavedModel as assets), so an unknown value
+maps to the OOV id 1 and "" to the padding id 0.
+
+Histories are ``[B, L]`` for any ``L``, padded with "" / 0, most recent last. Padding may sit
+anywhere (it is masked), which is what TF Serving's batching needs: it pads shorter requests
+on the right with each request's first element (see ``export.writer.BATCHING_NOTE``). A
+history with more than ``max_len`` real behaviours keeps the ``max_len`` most recent ones;
+``kept_position`` always indexes the request's own history. An empty history keeps nothing
+and ranks from the target alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import keras
+import tensorflow as tf
+
+from seminar_tf import spec
+from seminar_tf.text import TF_SPLIT_PATTERN
+
+# Python's str.strip() removes the characters for which str.isspace() holds: ASCII
+# whitespace, \x1c-\x1f, \x85 and the Unicode separators (Z*). RE2's \s is ASCII only.
+_SPACE_CLASS = r"[\t\n\x0b\f\r\x1c-\x1f \x{85}\p{Z}]"
+STRIP_PATTERN = rf"^{_SPACE_CLASS}+|{_SPACE_CLASS}+$"
+
+
+def strip_text(x):
+    """In-graph ``str.strip()``."""
+    return tf.strings.regex_replace(x, STRIP_PATTERN, "")
+
+
+def normalize_query(x):
+    """In-graph ``seminar_tf.text.normalize_query``: strip, then Unicode lower-case."""
+    return tf.strings.lower(strip_text(x), encoding="utf-8")
+
+
+def tokenize_query(x, max_tokens: int):
+    """In-graph ``seminar_tf.text.tokenize_query``: ``[...]`` strings -> ``[..., Q]`` tokens
+    (the first ``max_tokens`` runs of letters, digits and underscores; "" pads)."""
+    words = tf.strings.split(tf.strings.regex_replace(normalize_query(x), TF_SPLIT_PATTERN, " "))
+    shape = tf.concat([tf.shape(x, out_type=tf.int64), [max_tokens]], axis=0)
+    return words.to_tensor(default_value="", shape=shape)
+
+
+def _tf_dtype(name: str):
+    return tf.string if name == "string" else tf.as_dtype(name)
+
+
+def tensor_specs(features: tuple, sizes: dict) -> list:
+    """``tf.TensorSpec``s with a leading batch dimension, named as the features."""
+    return [
+        tf.TensorSpec(
+            (None,) + spec.resolve_serving_shape(f.shape, sizes), _tf_dtype(f.dtype), name=f.name
+        )
+        for f in features
+    ]
+
+
+def named_function(name: str, features: tuple, body):
+    """A ``tf.function`` whose positional parameters are the feature names, so the SavedModel
+    signature's inputs are named after the features (``body`` takes one dict)."""
+    names = [f.name for f in features]
+
+    def fn(*args):
+        return body(dict(zip(names, args)))
+
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
+    fn.__name__ = name
+    return fn
+
+
+class Vocabularies:
+    """The preprocessing vocabularies the serving inputs need, as ``StringLookup`` layers
+    (``spec`` id convention). Attributes are not among them: they come from the item id."""
+
+    KINDS = ("item", "query", "query_token")
+
+    def __init__(self, data_dir: str):
+        self.lookups = {}
+        for kind in self.KINDS:
+            file = spec.VOCAB_FILES[kind]
+            path = os.path.join(data_dir, spec.VOCAB_DIR, file)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{data_dir}: no vocabulary {spec.VOCAB_DIR}/{file}")
+            with open(path, encoding="utf-8") as f:
+                empty = not f.read(1)
+            # An empty vocabulary file is not a valid StringLookup vocabulary: every non-empty
+            # value is then OOV.
+            vocab = [] if empty else path
+            layer = keras.layers.StringLookup(
+                vocabulary=vocab, mask_token="", num_oov_indices=1, name=f"{kind}_lookup"
+            )
+            layer(tf.constant([""]))  # builds it (an export needs built layers)
+            self.lookups[kind] = layer
+
+    def size(self, kind: str) -> int:
+        return int(self.lookups[kind].vocabulary_size())
+
+    def lookup(self, kind: str, values):
+        return tf.cast(self.lookups[kind](values), tf.int64)
+
+
+class ServingGraphs:
+    """Builds the four signature functions of one :class:`SeminarCTR`.
+
+    Args:
+        model: a built two-stage SeminarCTR.
+        vocabularies: :class:`Vocabularies` of the model's preprocessing output.
+        max_len: the longest history the retrieval uses (more keeps the most recent).
+        max_query_tokens: ``Q`` of the model's data.
+    """
+
+    def __init__(self, model, vocabularies: Vocabularies, max_len: int, max_query_tokens: int):
+        model._require_cascade("export")
+        self.model = model
+        self.vocabularies = vocabularies
+        self.max_len = int(max_len)
+        self.q = int(max_query_tokens)
+        self.short_term = bool(model.short_term_len)
+        self.extra_inputs = tuple(getattr(model.gsu.scorer, "serving_features", ()))
+        emb = model.pair_embedding
+        self.sizes = {"L": None, "K": model.top_k, "Q": self.q, "D": model.embedding_dim}
+        self.vocab_sizes = {
+            "item": emb.num_items,
+            "query": emb.num_queries,
+            "query_token": emb.num_query_tokens,
+        }
+        for kind, size in self.vocab_sizes.items():
+            have = vocabularies.size(kind)
+            if have != size and not (kind != "item" and size == 0):
+                raise ValueError(
+                    f"The {spec.VOCAB_FILES[kind]} vocabulary gives {have} ids (2 reserved) "
+                    f"but the model was built for {size}: export with the preprocessing "
+                    "output the model was trained on."
+                )
+
+    def signature(self, name: str) -> spec.SignatureSpec:
+        return spec.serving_signature(name, self.short_term, self.extra_inputs)
+
+    # --------------------------------------------------------------------- checks
+    @staticmethod
+    def _check_batch(features: dict, names):
+        first = names[0]
+        batch = tf.shape(features[first])[0]
+        return [
+            tf.debugging.assert_equal(
+                tf.shape(features[n])[0], batch,
+                message=f"{n} and {first} must have the same batch size",
+            )
+            for n in names[1:]
+        ]  # fmt: skip
+
+    @staticmethod
+    def _check_same_length(features: dict, names, what: str):
+        first = names[0]
+        return [
+            tf.debugging.assert_equal(
+                tf.shape(features[n])[:2], tf.shape(features[first])[:2],
+                message=f"{n} must have the shape [B, {what}] of {first}",
+            )
+            for n in names[1:]
+        ]  # fmt: skip
+
+    def _check_ids(self, features: dict, names):
+        checks = []
+        for n in names:
+            kind = spec.vocab_kind(n)
+            if kind is None:
+                continue
+            size = self.vocab_sizes[kind]
+            x = features[n]
+            checks.append(tf.debugging.assert_non_negative(x, message=f"{n}: negative id"))
+            checks.append(
+                tf.debugging.assert_less(
+                    x, tf.constant(max(size, 1), tf.int64),
+                    message=f"{n}: id out of range (the {kind} vocabulary has {size} ids)",
+                )
+            )  # fmt: skip
+        return checks
+
+    # --------------------------------------------------------------------- encoding
+    def _encode_raw(self, features: dict, prefix: str) -> dict:
+        """Raw ``<prefix>_item`` / ``<prefix>_query`` strings -> the encoded model features."""
+        voc = self.vocabularies
+        text = features[f"{prefix}_query"]
+        return {
+            f"{prefix}_item": voc.lookup("item", strip_text(features[f"{prefix}_item"])),
+            f"{prefix}_query": voc.lookup("query", normalize_query(text)),
+            f"{prefix}_query_tokens": voc.lookup("query_token", tokenize_query(text, self.q)),
+        }
+
+    def _keep_recent(self, history: dict, mask):
+        """``history`` (``[B, L, ...]`` tensors) cut to the ``max_len`` most recent real
+        behaviours when ``L > max_len`` (real ones keep their order, padding goes first),
+        plus one padding column; returns it with ``order [B, L']``: the request position of
+        each column (-1 for the added one)."""
+        length = tf.shape(mask)[1]
+        batch = tf.shape(mask)[0]
+        positions = tf.range(length)
+
+        def compact():
+            key = tf.where(mask, length + positions[None, :], positions[None, :])
+            order = tf.argsort(key, axis=1, stable=True)[:, -self.max_len :]
+            return {n: tf.gather(v, order, batch_dims=1) for n, v in history.items()}, order
+
+        def keep():
+            return dict(history), tf.broadcast_to(positions[None, :], [batch, length])
+
+        history, order = tf.cond(length > self.max_len, compact, keep)
+        # One padding column on the right: gathers stay in range even when L is 0 (it is
+        # masked, so it is never kept and changes no score).
+        padded = {}
+        for name, value in history.items():
+            widths = [[0, 0], [0, 1]] + [[0, 0]] * (len(value.shape) - 2)
+            empty = "" if value.dtype == tf.string else 0
+            padded[name] = tf.pad(value, widths, constant_values=empty)
+        return padded, tf.pad(order, [[0, 0], [0, 1]], constant_values=-1)
+
+    @staticmethod
+    def _gather_raw(x, indices, kept, empty):
+        value = tf.gather(x, indices, batch_dims=1)
+        return tf.where(kept, value, tf.cast(empty, value.dtype))
+
+    def _retrieval_outputs(self, target: dict, history: dict, order, extra: dict, raw: dict):
+        model = self.model
+        inputs = {**target, **history}
+        out = model.retrieve(inputs, extra_key_parts=extra or None)
+        kept = model.gather_kept(inputs, out)
+        indices, kept_mask = out["indices"], out["kept_mask"]
+        position = tf.gather(order, indices, batch_dims=1)
+        result = {spec.KEPT_POSITION.name: tf.cast(tf.where(kept_mask, position, -1), tf.int64)}
+        for f in spec.KEPT_FEATURES:
+            result[f.name] = tf.cast(kept[f.name], _tf_dtype(f.dtype))
+        for name, value in raw.items():  # raw strings of the kept behaviours
+            result[name] = self._gather_raw(value, indices, kept_mask, "")
+        if self.short_term:
+            result[spec.SHORT_TERM.name] = tf.cast(out["short_term"], tf.float32)
+        return result
+
+    # --------------------------------------------------------------------- signatures
+    def _retrieve(self, features: dict, encoded: bool) -> dict:
+        sig = self.signature("retrieve_encoded" if encoded else "retrieve")
+        names = [f.name for f in sig.inputs]
+        hist_names = [f.name for f in spec.HISTORY_FEATURES if f.name in features]
+        extra_names = [f.name for f in self.extra_inputs]
+        checks = self._check_batch(features, names)
+        checks += self._check_same_length(features, hist_names + extra_names, "L")
+        if encoded:
+            checks += self._check_ids(features, names)
+        with tf.control_dependencies(checks):
+            features = {n: tf.identity(v) for n, v in features.items()}
+        history = {n: features[n] for n in hist_names + extra_names}
+        if encoded:
+            mask = tf.not_equal(features["hist_item"], 0)
+        else:
+            mask = tf.not_equal(strip_text(features["hist_item"]), "")
+        history, order = self._keep_recent(history, mask)
+        extra = {n: history.pop(n) for n in extra_names}
+        if encoded:
+            target = {f.name: features[f.name] for f in spec.TARGET_FEATURES}
+            result = self._retrieval_outputs(target, history, order, extra, {})
+        else:
+            target = self._encode_raw(features, "target")
+            encoded_history = {
+                **self._encode_raw(history, "hist"),
+                "hist_label": history["hist_label"],
+            }
+            raw = {"kept_item": history["hist_item"], "kept_query": history["hist_query"]}
+            result = self._retrieval_outputs(target, encoded_history, order, extra, raw)
+        return {f.name: result[f.name] for f in sig.outputs}
+
+    def _rank(self, features: dict, encoded: bool) -> dict:
+        sig = self.signature("rank_encoded" if encoded else "rank")
+        names = [f.name for f in sig.inputs]
+        checks = self._check_batch(features, names)
+        kept_names = [f.name for f in spec.KEPT_FEATURES if f.name in features]
+        checks += self._check_same_length(features, kept_names, "K")
+        checks.append(
+            tf.debugging.assert_all_finite(
+                features["kept_score"], message="kept_score must be finite"
+            )
+        )
+        if self.short_term:
+            checks.append(
+                tf.debugging.assert_all_finite(
+                    features["short_term"], message="short_term must be finite"
+                )
+            )
+        if encoded:
+            checks += self._check_ids(features, names)
+        with tf.control_dependencies(checks):
+            features = {n: tf.identity(v) for n, v in features.items()}
+        inputs = dict(features)
+        if not encoded:
+            inputs.update(self._encode_raw(features, "target"))
+            inputs.update(self._encode_raw(features, "kept"))
+        probability = self.model.rank(inputs)
+        return {spec.PROBABILITY.name: tf.cast(probability, tf.float32)}
+
+    def function(self, name: str):
+        """The ``tf.function`` of signature ``name`` (input signature fixed)."""
+        sig = self.signature(name)
+        if sig.model == spec.RETRIEVAL_MODEL:
+
+            def body(features):
+                return self._retrieve(features, sig.encoded)
+        else:
+
+            def body(features):
+                return self._rank(features, sig.encoded)
+
+        return tf.function(
+            named_function(name, sig.inputs, body),
+            input_signature=tensor_specs(sig.inputs, self.sizes),
+            autograph=False,
+        )
