@@ -192,13 +192,32 @@ class ServingGraphs:
 
     # --------------------------------------------------------------------- encoding
     def _encode_raw(self, features: dict, prefix: str) -> dict:
-        """Raw ``<prefix>_item`` / ``<prefix>_query`` strings -> the encoded model features."""
+        """Raw ``<prefix>_item`` / ``<prefix>_query`` strings -> the encoded model features.
+
+        Each distinct string is normalised, tokenised and looked up once (a history repeats
+        items and queries, and most of its query slots are ""), then gathered back."""
         voc = self.vocabularies
-        text = features[f"{prefix}_query"]
+
+        def per_unique(values, fn):
+            shape = tf.shape(values, out_type=tf.int64)
+            unique, index = tf.unique(tf.reshape(values, [-1]), out_idx=tf.int64)
+            encoded = tf.gather(fn(unique), index)
+            return tf.reshape(encoded, tf.concat([shape, tf.shape(encoded, tf.int64)[1:]], 0))
+
+        def items(values):
+            return voc.lookup("item", strip_text(values))
+
+        def queries(values):
+            return voc.lookup("query", normalize_query(values))
+
+        def tokens(values):
+            return voc.lookup("query_token", tokenize_query(values, self.q))
+
+        item, text = features[f"{prefix}_item"], features[f"{prefix}_query"]
         return {
-            f"{prefix}_item": voc.lookup("item", strip_text(features[f"{prefix}_item"])),
-            f"{prefix}_query": voc.lookup("query", normalize_query(text)),
-            f"{prefix}_query_tokens": voc.lookup("query_token", tokenize_query(text, self.q)),
+            f"{prefix}_item": per_unique(item, items),
+            f"{prefix}_query": per_unique(text, queries),
+            f"{prefix}_query_tokens": per_unique(text, tokens),
         }
 
     def _keep_recent(self, history: dict, mask):

@@ -221,6 +221,7 @@ def export_model(
     serving_base_path: str | None = None,
     warmup_batch_sizes: tuple = (1, 4),
     source: dict | None = None,
+    preproject_tables: bool = True,
 ) -> ExportResult:
     """Exports a built two-stage :class:`SeminarCTR` as ``OUT/retrieval/<version>`` and
     ``OUT/ranking/<version>``, plus ``models.config`` and ``batching_parameters.txt``.
@@ -238,6 +239,9 @@ def export_model(
             ``/models`` in a container); default the absolute ``out_dir``.
         warmup_batch_sizes: batch sizes of the warmup requests.
         source: provenance written into the metadata.
+        preproject_tables: export :meth:`SeminarCTR.serving_model` (vector tables stored
+            already projected: per-request cost independent of the catalog size) rather than
+            the model as trained. Same outputs up to float rounding.
 
     Raises:
         ValueError: a one-stage model, a non-TensorFlow backend, vocabularies that do not
@@ -253,6 +257,9 @@ def export_model(
         raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     data_spec = spec.DataSpec.load(data_dir)
     vocabularies = Vocabularies(data_dir)
+    model._require_cascade("export")
+    if preproject_tables:
+        model = model.serving_model()
     graphs = ServingGraphs(model, vocabularies, max_len, data_spec.max_query_tokens)
     os.makedirs(out_dir, exist_ok=True)
     if version is None:

@@ -457,7 +457,7 @@ def test_versions_are_integers_and_appear_atomically(tiny, tmp_path, monkeypatch
         assert "8" not in entries and not [e for e in entries if e.startswith(".tmp")]
 
 
-def test_short_term_model_exports_the_extra_feature(tiny, tmp_path):
+def test_short_term_model_exports_the_extra_feature(tiny):
     """A model option that adds a ranking input: ``short_term`` goes from the retrieval
     outputs to the ranking inputs, and the cascade still equals the Keras model."""
     from seminar_tf.models import build_model
@@ -466,17 +466,17 @@ def test_short_term_model_exports_the_extra_feature(tiny, tmp_path):
     model = build_model(data_spec, {"embedding_dim": 8, "num_heads": 2, "top_k": 4,
                                     "hidden_units": [8], "short_term_len": 3},
                         training.load_tables(tiny["data"]))  # fmt: skip
-    result = writer.export_model(model, tiny["data"], str(tmp_path / "e"), max_len=MAX_LEN,
-                                 warmup_batch_sizes=(1,))  # fmt: skip
-    loaded = {m: tf.saved_model.load(p) for m, p in result.paths.items()}
+    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"]), MAX_LEN,
+                                 data_spec.max_query_tokens)  # fmt: skip
+    assert "short_term" in [f.name for f in graphs.signature("rank").inputs]
+    assert "short_term" in [f.name for f in graphs.signature("retrieve").outputs]
     features = _dataset_batch(tiny, 8)
-    retrieved = _call(loaded, "retrieve_encoded", features)
+    retrieve = graphs.function("retrieve_encoded")
+    retrieved = {k: v.numpy() for k, v in retrieve(**features).items()}
     assert retrieved["short_term"].shape == (8, 8)
     inputs = {**_ranking_inputs(features, retrieved), "short_term": retrieved["short_term"]}
-    probability = _call(loaded, "rank_encoded", inputs)["probability"]
+    probability = graphs.function("rank_encoded")(**inputs)["probability"].numpy()
     np.testing.assert_allclose(probability, model(features).numpy(), rtol=1e-5, atol=1e-6)
-    meta = result.metadata["ranking"]["signatures"]["rank"]
-    assert "short_term" in [f["name"] for f in meta["inputs"]]
 
 
 def test_one_stage_models_are_refused(tiny, tmp_path):

@@ -72,3 +72,25 @@ def test_stages_need_a_two_stage_model():
         model = build_model(SPEC, {**SMALL, **config}, TABLES)
         with pytest.raises(ValueError, match="two-stage model"):
             model.retrieve(features)
+
+
+@pytest.mark.parametrize("config", [{"search": "exact"}, {"search": "soft", "short_term_len": 2}])
+def test_serving_model_precomputes_constants_and_predicts_the_same(config):
+    model = build_model(SPEC, {**SMALL, **config}, TABLES)
+    if getattr(model, "gsu_bias_weight", None) is not None:
+        model.gsu_bias_weight.assign(0.7)
+    features = testing.make_features(SPEC, 16, seed=5, padding="mixed")
+    copy = model.serving_model()
+    emb = copy.pair_embedding
+    assert emb.text_dim == emb.image_dim == emb.query_text_dim == emb.embedding_dim
+    assert emb.max_attributes == 1 and emb.num_attributes == SPEC.num_items
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(copy(features)), ops.convert_to_numpy(model(features)),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+    _, _, got = _cascade(copy, features)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(got), ops.convert_to_numpy(model(features)), rtol=1e-5, atol=1e-6
+    )
+    # The trained model is left as it was.
+    assert model.pair_embedding.text_dim == SPEC.text_dim

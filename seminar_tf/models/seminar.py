@@ -545,6 +545,71 @@ class SeminarCTR(keras.Model):
             features.append(ops.cast(inputs["short_term"], target_pair.dtype))
         return self._mlp_head(features, training=training)
 
+    # Vector tables and the config argument giving their width, per projection layer.
+    _PROJECTED_TABLES = (
+        ("text_projection", "item_text_vectors", "text_dim"),
+        ("image_projection", "item_image_vectors", "image_dim"),
+        ("query_text_projection", "query_text_vectors", "query_text_dim"),
+    )
+
+    def serving_model(self) -> SeminarCTR:
+        """An equivalent copy for serving, with what is constant after training precomputed.
+
+        ``projection(table)`` of each vector table (item text, item image, query text) is a
+        constant: the copy stores it as the table (width ``d``), with an identity
+        projection, and gathers rows before projecting them, so a request costs
+        ``lookups x d x d`` per vector modality instead of projecting whole tables
+        (``rows x dim x d``) or wide rows (``lookups x dim x d``). Each item's attribute
+        vector (the mean of its attribute embeddings) is a constant too: the copy has one
+        "attribute" per item carrying it (``max_attributes=1``). Every other weight is
+        copied as is, so the outputs equal this model's up to float rounding.
+        """
+        self._require_cascade("serving_model")
+        if not self.built:
+            self.build()
+        emb = self.pair_embedding
+        d = self.embedding_dim
+        config = self.get_config()
+        tables = emb.get_tables()
+        skip = []
+        identities = []
+        for layer_name, table, dim_key in self._PROJECTED_TABLES:
+            projection = getattr(emb, layer_name, None)
+            if projection is None or table not in tables:
+                continue
+            kernel, bias = (ops.convert_to_numpy(w) for w in projection.weights)
+            tables[table] = (tables[table].astype(np.float32) @ kernel + bias).astype(np.float32)
+            config[dim_key] = d
+            skip += [f"pair_embedding/{layer_name}/kernel", f"pair_embedding/{layer_name}/bias"]
+            identities.append(layer_name)
+        attribute_vectors = None
+        if emb.use_attributes:
+            # An item's attribute vector (the masked mean of its attributes' embeddings) is a
+            # constant too: store it as the one "attribute" of the item, with the item's id.
+            ids = tables["item_attributes"].astype(np.int64)
+            present = ids != 0
+            vectors = ops.convert_to_numpy(emb.attribute_embeddings)[ids] * present[..., None]
+            count = np.maximum(present.sum(axis=1, keepdims=True), 1).astype(np.float32)
+            attribute_vectors = (vectors.sum(axis=1) / count).astype(np.float32)
+            rows = np.arange(len(ids))
+            tables["item_attributes"] = np.where(present.any(axis=1), rows, 0)[:, None]
+            config.update(num_attributes=len(ids), max_attributes=1)
+            skip.append("pair_embedding/attribute_embeddings")
+        skip += [f"pair_embedding/{name}" for name in emb.table_names]
+        config["name"] = f"{self.name}_serving"
+        copy = type(self).from_config(config)
+        copy.build()
+        copy.set_tables(tables)
+        copy_layer_weights(self, copy, skip=tuple(skip), what="serving model")
+        if attribute_vectors is not None:
+            copy.pair_embedding.attribute_embeddings.assign(attribute_vectors)
+        for layer_name in identities:
+            kernel, bias = getattr(copy.pair_embedding, layer_name).weights
+            kernel.assign(np.eye(d, dtype="float32"))
+            bias.assign(np.zeros((d,), dtype="float32"))
+        copy.pair_embedding.project_tables_first = False  # gather d-wide rows, then identity
+        return copy
+
     def get_config(self):
         emb = self.pair_embedding
         config = super().get_config()
