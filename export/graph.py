@@ -220,16 +220,19 @@ class ServingGraphs:
             f"{prefix}_query_tokens": per_unique(text, tokens),
         }
 
-    def _keep_recent(self, history: dict, mask):
+    def _keep_recent(self, history: dict, real):
         """``history`` (``[B, L, ...]`` tensors) cut to the ``max_len`` most recent real
         behaviours when ``L > max_len`` (real ones keep their order, padding goes first),
         plus one padding column; returns it with ``order [B, L']``: the request position of
-        each column (-1 for the added one)."""
-        length = tf.shape(mask)[1]
-        batch = tf.shape(mask)[0]
+        each column (-1 for the added one). ``real(history)`` gives the ``[B, L]`` mask of
+        real behaviours (only computed when the history is too long)."""
+        item = history["hist_item"]
+        length = tf.shape(item)[1]
+        batch = tf.shape(item)[0]
         positions = tf.range(length)
 
         def compact():
+            mask = real(history)
             key = tf.where(mask, length + positions[None, :], positions[None, :])
             order = tf.argsort(key, axis=1, stable=True)[:, -self.max_len :]
             return {n: tf.gather(v, order, batch_dims=1) for n, v in history.items()}, order
@@ -282,10 +285,11 @@ class ServingGraphs:
             features = {n: tf.identity(v) for n, v in features.items()}
         history = {n: features[n] for n in hist_names + extra_names}
         if encoded:
-            mask = tf.not_equal(features["hist_item"], 0)
+            history, order = self._keep_recent(history, lambda h: tf.not_equal(h["hist_item"], 0))
         else:
-            mask = tf.not_equal(strip_text(features["hist_item"]), "")
-        history, order = self._keep_recent(history, mask)
+            history, order = self._keep_recent(
+                history, lambda h: tf.not_equal(strip_text(h["hist_item"]), "")
+            )
         extra = {n: history.pop(n) for n in extra_names}
         if encoded:
             target = {f.name: features[f.name] for f in spec.TARGET_FEATURES}

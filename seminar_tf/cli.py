@@ -270,6 +270,9 @@ def _cmd_serve(args, extra) -> int:
     )  # fmt: skip
     log.info("serve: gRPC on %s, REST on %s (Ctrl-C stops)", server.grpc_target, server.rest_url)
     print(json.dumps({"grpc": server.grpc_target, "rest": server.rest_url}), flush=True)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
     try:
         server.wait()
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from export import graph, warmup, writer  # noqa: E402
 from export.testing import MAX_LEN, build_tiny_export  # noqa: E402
 from preprocessing.vocab import lookup_table  # noqa: E402
 from seminar_tf import spec, text, training  # noqa: E402
+from seminar_tf.layers.scorers import SearchScorer, register_scorer  # noqa: E402
 from serving.client import pad_histories  # noqa: E402
 
 
@@ -497,3 +498,41 @@ def test_cli_export_and_its_errors(tiny, tmp_path, capsys):
     rc = main(["export", "--model", tiny["model"], "--out", tiny["export"], "--version", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "exists" in err[0]
+
+
+# A scorer that declares a serving input (as a product-quantization scorer will declare its
+# stored codes): the retrieval signatures take it and the scorer receives it in key_parts.
+@register_scorer("test_stored_codes")
+class _StoredCodesScorer(SearchScorer):
+    serving_features = (
+        spec.FeatureSpec("hist_codes", "int64", ("L", 3), 0, "stored codes per behaviour"),
+    )
+
+    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+        if key_parts and "hist_codes" in key_parts:
+            return tf.cast(tf.reduce_sum(key_parts["hist_codes"], axis=-1), tf.float32)
+        return tf.einsum("bd,bld->bl", target, keys)
+
+
+def test_a_scorer_can_add_stored_codes_to_the_retrieval_signature(tiny):
+    from seminar_tf.models import build_model
+
+    data_spec = spec.DataSpec.load(tiny["data"])
+    model = build_model(data_spec, {"embedding_dim": 8, "num_heads": 2, "top_k": 3,
+                                    "hidden_units": [8], "search": "test_stored_codes"},
+                        training.load_tables(tiny["data"]))  # fmt: skip
+    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"]), MAX_LEN,
+                                 data_spec.max_query_tokens)  # fmt: skip
+    for name in ("retrieve", "retrieve_encoded"):
+        assert graphs.signature(name).inputs[-1].name == "hist_codes"
+    features = _dataset_batch(tiny, 4)
+    length = features["hist_item"].shape[1]
+    codes = np.zeros((4, length, 3), np.int64)
+    codes[:, -5:, :] = np.arange(5)[None, :, None]  # the last 5 behaviours score 0..12
+    real = features["hist_item"] != 0
+    out = graphs.function("retrieve_encoded")(**features, hist_codes=codes)
+    want = np.argsort(-np.where(real, codes.sum(-1), -1), axis=1, kind="stable")[:, :3]
+    full = real[:, -5:].all(axis=1)
+    np.testing.assert_array_equal(out["kept_position"].numpy()[full], want[full])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="hist_codes must have the shape"):
+        graphs.function("retrieve_encoded")(**features, hist_codes=codes[:, 1:])
