@@ -173,6 +173,26 @@ def test_server_is_dtype_and_rank_strict_like_tf_serving(server, vocab):
     with pytest.raises(grpc.RpcError) as e:
         stub.Predict(_raw_request("nope", "", good), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(_raw_request("retrieval", "no_such_signature", good), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no_such_signature" in e.value.details()
+
+
+def test_get_model_metadata_errors(server):
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    stub = _stub(server)
+    for name, fields, code in (
+        ("retrieval", ["signature_def", "extra"], grpc.StatusCode.INVALID_ARGUMENT),
+        ("nope", ["signature_def"], grpc.StatusCode.NOT_FOUND),
+    ):
+        request = get_model_metadata_pb2.GetModelMetadataRequest()
+        request.model_spec.name = name
+        request.metadata_field.extend(fields)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetModelMetadata(request, timeout=10)
+        assert e.value.code() == code
 
 
 def test_client_errors_name_stage_and_field(server, vocab):
