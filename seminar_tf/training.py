@@ -49,6 +49,7 @@ class TrainConfig:
     shuffle_buffer: int = 20_000
     distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
     bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
+    restore_attention: bool = True  # with --pretrained: also copy the PSU attention to the GSU
     model: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -214,7 +215,7 @@ def train(
         model.build()
         if pretrained:
             psu = keras.saving.load_model(os.path.join(pretrained, MODEL_FILE))
-            restored = model.restore_pretrained(psu)
+            restored = model.restore_pretrained(psu, include_attention=cfg.restore_attention)
             log.info("train: restored %d pretrained variables from %s", len(restored), pretrained)
         model.compile(
             optimizer=keras.optimizers.Adam(cfg.learning_rate),
