@@ -226,7 +226,7 @@ def plot(results: list, path: str) -> None:
 
 def table(results: list) -> str:
     head = (f"{'scorer':7} {'inputs':8} {'batch':>5} {'L':>6} {'p50 ms':>8} {'p90 ms':>8} "
-            f"{'p99 ms':>8} {'retr p50':>8} {'rank p50':>8} {'ex/s':>8} {'iters':>5}")  # fmt: skip
+            f"{'p99 ms':>8} {'retr p50':>8} {'rank p50':>8} {'ex/s':>8} {'iters':>5} {'load':>5}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in results:
         if r.get("measured") is False:
@@ -235,7 +235,8 @@ def table(results: list) -> str:
         lines.append(
             f"{r['scorer']:7} {r['inputs']:8} {r['batch']:>5} {r['L']:>6} {r['p50_ms']:>8.2f} "
             f"{r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['retrieve_p50_ms']:>8.2f} "
-            f"{r['rank_p50_ms']:>8.2f} {r['examples_per_sec']:>8.0f} {r['iterations']:>5}"
+            f"{r['rank_p50_ms']:>8.2f} {r['examples_per_sec']:>8.0f} {r['iterations']:>5} "
+            f"{r['load_average_1m_before']:>5.2f}"
         )
     return "\n".join(lines)
 
@@ -272,7 +273,9 @@ def main(argv=None) -> int:
                     work = batch * length
                     min_s = 0.5 if args.quick else (4.0 if work <= 200_000 else 8.0)
                     iters = 20 if args.quick else (2000 if work <= 200_000 else 60)
+                    load = os.getloadavg()[0]
                     stats = time_cascade(loaded, request, inputs == "encoded", min_s, iters)
+                    stats["load_average_1m_before"] = round(load, 2)
                     stats.update(scorer="exact", inputs=inputs, batch=batch, L=length,
                                  examples_per_sec=batch / (stats["mean_ms"] / 1000.0))  # fmt: skip
                     results.append(stats)
@@ -284,6 +287,7 @@ def main(argv=None) -> int:
         (r for r in results
          if r.get("inputs") == "raw" and r.get("batch") == 1 and r.get("L") == 2000), None,
     )  # fmt: skip
+    info["load_average_at_end"] = list(os.getloadavg())
     report = {
         "benchmark": "serving",
         "what": "exported cascade retrieve -> rank, tf.saved_model.load, in process",
