@@ -203,14 +203,15 @@ def plot(results: list, path: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, batch in zip(axes, sorted({r["batch"] for r in results})):
-        for inputs, style in (("raw", "-o"), ("encoded", "--s")):
+        for inputs, style, color in (("raw", "-o", "tab:blue"), ("encoded", "--s", "tab:green")):
             rows = sorted((r for r in results if r["batch"] == batch and r["inputs"] == inputs),
                           key=lambda r: r["L"])  # fmt: skip
             if not rows:
                 continue
             xs = [r["L"] for r in rows]
-            ax.plot(xs, [r["p50_ms"] for r in rows], style, label=f"{inputs} p50")
-            ax.plot(xs, [r["p99_ms"] for r in rows], style, alpha=0.5, label=f"{inputs} p99")
+            ax.plot(xs, [r["p50_ms"] for r in rows], style, color=color, label=f"{inputs} p50")
+            ax.plot(xs, [r["p99_ms"] for r in rows], style, color=color, alpha=0.4,
+                    label=f"{inputs} p99")  # fmt: skip
         if batch == 1:
             ax.axhline(TARGET_MS, color="red", lw=0.8, ls=":", label="target p99 @ L=2000")
         ax.set_xscale("log")
