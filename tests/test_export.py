@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -304,6 +305,88 @@ def test_v1_graph_loader_and_saved_model_cli(tiny, loaded):
     for name in ("signature_def['rank']", "signature_def['rank_encoded']", "serving_default"):
         assert name in shown.stdout
     assert "kept_query_tokens" in shown.stdout and "probability" in shown.stdout
+
+
+class _TFOutput(ctypes.Structure):
+    _fields_ = [("oper", ctypes.c_void_p), ("index", ctypes.c_int)]
+
+
+def _c_api_run(path: str, signature_def, inputs: dict) -> dict:
+    """Loads ``path`` with the TensorFlow C API's ``TF_LoadSessionFromSavedModel`` (the C++
+    SavedModelBundle loader TF Serving uses, from the wheel's libtensorflow_cc) and runs one
+    signature with numeric inputs through ``TF_SessionRun``."""
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(tf.__file__), "libtensorflow_cc.so.2"))
+    vp = ctypes.c_void_p
+    for name, res, args in (
+        ("TF_NewStatus", vp, []), ("TF_NewGraph", vp, []), ("TF_NewSessionOptions", vp, []),
+        ("TF_LoadSessionFromSavedModel", vp,
+         [vp, vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, vp, vp, vp]),
+        ("TF_GetCode", ctypes.c_int, [vp]), ("TF_Message", ctypes.c_char_p, [vp]),
+        ("TF_GraphOperationByName", vp, [vp, ctypes.c_char_p]),
+        ("TF_AllocateTensor", vp, [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int,
+                                   ctypes.c_size_t]),
+        ("TF_TensorData", vp, [vp]), ("TF_TensorByteSize", ctypes.c_size_t, [vp]),
+        ("TF_NumDims", ctypes.c_int, [vp]), ("TF_Dim", ctypes.c_int64, [vp, ctypes.c_int]),
+        ("TF_TensorType", ctypes.c_int, [vp]),
+        ("TF_SessionRun", None, [vp, vp, vp, vp, ctypes.c_int, vp, vp, ctypes.c_int, vp,
+                                 ctypes.c_int, vp, vp]),
+        ("TF_DeleteTensor", None, [vp]),
+    ):  # fmt: skip
+        getattr(lib, name).restype, getattr(lib, name).argtypes = res, args
+    status, graph = lib.TF_NewStatus(), lib.TF_NewGraph()
+    tags = (ctypes.c_char_p * 1)(b"serve")
+    session = lib.TF_LoadSessionFromSavedModel(
+        lib.TF_NewSessionOptions(), None, path.encode(), tags, 1, graph, None, status
+    )
+    assert lib.TF_GetCode(status) == 0, lib.TF_Message(status)
+
+    def output(tensor_name):
+        op, index = tensor_name.split(":")
+        oper = lib.TF_GraphOperationByName(graph, op.encode())
+        assert oper, tensor_name
+        return _TFOutput(oper, int(index))
+
+    dtypes = {np.dtype(np.int64): 9, np.dtype(np.float32): 1}
+    names = list(inputs)
+    feeds = (_TFOutput * len(names))(*[output(signature_def.inputs[n].name) for n in names])
+    values = (ctypes.c_void_p * len(names))()
+    for i, n in enumerate(names):
+        array = np.ascontiguousarray(inputs[n])
+        dims = (ctypes.c_int64 * array.ndim)(*array.shape)
+        tensor = lib.TF_AllocateTensor(dtypes[array.dtype], dims, array.ndim, array.nbytes)
+        ctypes.memmove(lib.TF_TensorData(tensor), array.ctypes.data, array.nbytes)
+        values[i] = tensor
+    out_names = list(signature_def.outputs)
+    fetches = (_TFOutput * len(out_names))(
+        *[output(signature_def.outputs[n].name) for n in out_names]
+    )
+    results = (ctypes.c_void_p * len(out_names))()
+    lib.TF_SessionRun(session, None, feeds, values, len(names), fetches, results,
+                      len(out_names), None, 0, None, status)  # fmt: skip
+    assert lib.TF_GetCode(status) == 0, lib.TF_Message(status)
+    out = {}
+    for i, n in enumerate(out_names):
+        t = results[i]
+        shape = [lib.TF_Dim(t, d) for d in range(lib.TF_NumDims(t))]
+        dtype = {9: np.int64, 1: np.float32}[lib.TF_TensorType(t)]
+        buffer = (ctypes.c_char * lib.TF_TensorByteSize(t)).from_address(lib.TF_TensorData(t))
+        out[n] = np.frombuffer(bytes(buffer), dtype=dtype).reshape(shape)
+        lib.TF_DeleteTensor(t)
+    for v in values:
+        lib.TF_DeleteTensor(v)
+    return out
+
+
+def test_the_c_loader_tf_serving_uses_runs_the_export(tiny, loaded):
+    features = _dataset_batch(tiny, 4)
+    path = writer.version_dir(tiny["export"], spec.RETRIEVAL_MODEL)
+    with tf.Graph().as_default() as g, tf.compat.v1.Session(graph=g) as sess:
+        sig = tf.compat.v1.saved_model.loader.load(sess, ["serve"], path).signature_def
+    got = _c_api_run(path, sig["retrieve_encoded"], features)
+    want = _call(loaded, "retrieve_encoded", features)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-6)
 
 
 def test_warmup_parses_and_replays(tiny, loaded):
