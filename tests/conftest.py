@@ -25,3 +25,13 @@ def movielens_dir() -> str:
             pytest.fail(msg + "; SEMINAR_REQUIRE_SHARED_DATA=1 forbids skipping")
         pytest.skip(msg)
     return MOVIELENS
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny trained model and its export, built once (shared by pytest-xdist workers)."""
+    from export.testing import build_tiny_export
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return build_tiny_export(str(shared / "seminar-tiny-export"))

@@ -15,18 +15,11 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from export import graph, warmup, writer  # noqa: E402
-from export.testing import MAX_LEN, build_tiny_export  # noqa: E402
+from export.testing import MAX_LEN  # noqa: E402
 from preprocessing.vocab import lookup_table  # noqa: E402
 from seminar_tf import spec, text, training  # noqa: E402
 from seminar_tf.layers.scorers import SearchScorer, register_scorer  # noqa: E402
 from serving.client import pad_histories  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    return build_tiny_export(str(shared / "seminar-tiny-export"))
 
 
 @pytest.fixture(scope="module")

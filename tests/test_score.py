@@ -10,18 +10,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
 
-from export.testing import build_tiny_export  # noqa: E402
 from seminar_tf import spec  # noqa: E402
 from serving import scoring  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    return build_tiny_export(str(shared / "seminar-tiny-export"))
 
 
 def _keras_scores(tiny, split):

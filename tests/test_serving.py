@@ -14,17 +14,9 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from export import writer  # noqa: E402
-from export.testing import build_tiny_export  # noqa: E402
 from seminar_tf import spec  # noqa: E402
 from serving import local_server  # noqa: E402
 from serving.client import CascadeClient, ServingError, pad_histories  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    return build_tiny_export(str(shared / "seminar-tiny-export"))
 
 
 @pytest.fixture(scope="module")
