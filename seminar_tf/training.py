@@ -214,7 +214,7 @@ def train(
         model = build_model(data_spec, cfg.model, tables=load_tables(data_dir))
         model.build()
         if pretrained:
-            psu = keras.saving.load_model(os.path.join(pretrained, MODEL_FILE))
+            psu = load_model(pretrained)
             restored = model.restore_pretrained(psu, include_attention=cfg.restore_attention)
             log.info("train: restored %d pretrained variables from %s", len(restored), pretrained)
         model.compile(
@@ -241,6 +241,9 @@ def train(
 
 
 def load_model(model_dir: str):
+    """Loads ``model_dir/model.keras`` (a PSU or a SeminarCTR)."""
+    import seminar_tf.models  # noqa: F401  (registers the custom classes for deserialisation)
+
     path = os.path.join(model_dir, MODEL_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE}; train a model first")

@@ -139,3 +139,21 @@ def test_trimmed_history_gives_the_same_predictions(data_dir, tmp_path):
     np.testing.assert_allclose(
         model.predict_on_batch(features), model.predict_on_batch(trimmed), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_fresh_process_loads_a_saved_model(data_dir, tmp_path):
+    """`seminar evaluate` and `seminar export` load models in a new process, where nothing
+    has imported the model classes yet."""
+    import subprocess
+    import sys
+
+    training.train(data_dir, str(tmp_path / "m"), _cfg(steps_per_epoch=1))
+    code = (
+        "import sys; from seminar_tf import training; "
+        "m = training.load_model(sys.argv[1]); print(type(m).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("SeminarCTR")
