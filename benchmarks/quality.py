@@ -48,7 +48,10 @@ MODELS = {
     },
     "seminar, pretrained 3 ep": {"preset": "seminar", "top_k": 50, "_pretrain": 3},
     "seminar, pretrained, frozen": {
-        "preset": "seminar", "top_k": 50, "_pretrain": True, "freeze_pretrained": True,
+        "preset": "seminar",
+        "top_k": 50,
+        "_pretrain": True,
+        "freeze_pretrained": True,
     },
 }
 LONGCTR = {"DIN": 0.693, "SDIM": 0.686, "SIM": 0.678, "ETA": 0.678, "TWIN": 0.677,
