@@ -197,28 +197,22 @@ def _check_data_dir(path: str) -> None:
         raise UsageError(f"{path}: not a `seminar preprocess` output (no {spec.SCHEMA_FILE})")
 
 
-def _cmd_pretrain(args, extra) -> int:
+def _cmd_fit(args, extra) -> int:
+    """``seminar pretrain`` (PSU) and ``seminar train`` (CTR): fit, then print the last
+    epoch's logs as one JSON line."""
     if extra:
         raise UsageError(f"unknown options: {' '.join(extra)}")
     _check_data_dir(args.data)
+    pretrained = getattr(args, "pretrained", None)
+    if pretrained and not os.path.exists(os.path.join(pretrained, "model.keras")):
+        raise UsageError(f"--pretrained {pretrained}: no model.keras (run seminar pretrain)")
     from seminar_tf import training
 
     cfg = _train_config(args)
-    _, history = training.pretrain(args.data, args.out, cfg)
-    print(json.dumps({k: round(float(v[-1]), 5) for k, v in history.items()}))
-    return 0
-
-
-def _cmd_train(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
-    _check_data_dir(args.data)
-    if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model.keras")):
-        raise UsageError(f"--pretrained {args.pretrained}: no model.keras (run seminar pretrain)")
-    from seminar_tf import training
-
-    cfg = _train_config(args)
-    _, history = training.train(args.data, args.out, cfg, pretrained=args.pretrained)
+    if args.command == "pretrain":
+        _, history = training.pretrain(args.data, args.out, cfg)
+    else:
+        _, history = training.train(args.data, args.out, cfg, pretrained=pretrained)
     print(json.dumps({k: round(float(v[-1]), 5) for k, v in history.items()}))
     return 0
 
@@ -371,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("pretrain", help="pretrain the PSU (three tasks)")
     _add_train_args(pt, with_pretrained=False)
-    pt.set_defaults(func=_cmd_pretrain)
+    pt.set_defaults(func=_cmd_fit)
     tr = sub.add_parser("train", help="train the CTR model (optionally from a pretrained PSU)")
     _add_train_args(tr, with_pretrained=True)
-    tr.set_defaults(func=_cmd_train)
+    tr.set_defaults(func=_cmd_fit)
     ev = sub.add_parser("evaluate", help="AUC, GAUC, logloss, HR@K, NDCG@K on a split")
     ev.add_argument("--data", required=True)
     ev.add_argument("--model", required=True)
