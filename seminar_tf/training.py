@@ -4,7 +4,7 @@ A model directory holds:
 
 | path | what |
 | --- | --- |
-| ``model.keras`` | the trained model (best validation AUC for CTR, last epoch for PSU) |
+| ``model.keras`` | the trained model (best validation AUC for CTR, best validation loss for PSU) |
 | ``config.json`` | the run's config (data dir, data spec, model and training settings) |
 | ``history.json`` | per-epoch losses and metrics (each PSU task loss separately) |
 | ``backup/`` | ``keras.callbacks.BackupAndRestore`` state: rerun to resume after interruption |
@@ -156,7 +156,7 @@ def _save_run(out_dir, cfg, data_dir, kind, history, extra=None):
         json.dump({k: [float(x) for x in v] for k, v in history.items()}, f, indent=2)
 
 
-def _callbacks(out_dir, cfg, monitor=None):
+def _callbacks(out_dir, cfg, monitor=None, mode="max"):
     cbs = [
         keras.callbacks.BackupAndRestore(os.path.join(out_dir, "backup")),
         Throughput(cfg.batch_size),
@@ -166,14 +166,15 @@ def _callbacks(out_dir, cfg, monitor=None):
     if monitor:
         cbs.append(
             keras.callbacks.EarlyStopping(
-                monitor=monitor, mode="max", patience=cfg.patience, restore_best_weights=True
+                monitor=monitor, mode=mode, patience=cfg.patience, restore_best_weights=True
             )
         )
     return cbs
 
 
 def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | None = None):
-    """Fits a PSU on the train split's clicked targets; saves ``model.keras``."""
+    """Fits a PSU on the train split's clicked targets, early-stopping on the validation
+    loss (best weights kept); saves ``model.keras``."""
     from seminar_tf.models.factory import build_psu
 
     os.makedirs(out_dir, exist_ok=True)
@@ -187,7 +188,11 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | No
     hist = psu.fit(
         train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
         validation_steps=vsteps if valid is not None else None,
-        callbacks=_callbacks(out_dir, cfg) + list(callbacks or []), verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+        # The PSU keeps its best validation loss: on MovieLens its next-pair loss keeps
+        # falling on train while rising on the later validation period.
+        callbacks=_callbacks(out_dir, cfg, "val_loss" if valid is not None else None, "min")
+        + list(callbacks or []),
+        verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
     )  # fmt: skip
     psu.save(os.path.join(out_dir, MODEL_FILE))
     _save_run(out_dir, cfg, data_dir, "psu", hist.history)
