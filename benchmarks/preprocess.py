@@ -23,7 +23,7 @@ import threading
 import time
 
 from seminar_tf.data import synth
-from seminar_tf.data.readers import write_table
+from seminar_tf.data.readers import write_tables
 
 
 def _tree_rss(pid: int) -> int:
@@ -90,11 +90,9 @@ def make_raw(raw_dir: str, n_events: int, hot_key: bool, seed: int = 0) -> int:
         # The default config yields ~433 events a user; ask for a little more and cut.
         cfg = synth.SynthConfig(num_users=int(n_events / 400) + 10, seed=seed)
     tables = synth.generate(cfg)
-    events = tables["events"].slice(0, n_events)
-    write_table(events, os.path.join(raw_dir, "events.parquet"))
-    write_table(tables["items"], os.path.join(raw_dir, "items.parquet"))
-    write_table(tables["queries"], os.path.join(raw_dir, "queries.parquet"))
-    return events.num_rows
+    tables["events"] = tables["events"].slice(0, n_events)
+    write_tables(tables, raw_dir)
+    return tables["events"].num_rows
 
 
 def main() -> None:

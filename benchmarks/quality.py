@@ -32,7 +32,7 @@ os.environ.setdefault("SEMINAR_QUIET", "1")
 from preprocessing.pipeline import PreprocessConfig, run  # noqa: E402
 from seminar_tf import training  # noqa: E402
 from seminar_tf.data import movielens, synth  # noqa: E402
-from seminar_tf.data.readers import write_table  # noqa: E402
+from seminar_tf.data.readers import write_tables  # noqa: E402
 
 MODELS = {
     "dnn (no history)": {"preset": "dnn"},
@@ -67,7 +67,7 @@ def prepare(name: str, tmp: str, max_len: int) -> str:
         tables, _ = movielens.load(
             os.environ.get("SEMINAR_MOVIELENS", "../shared/data/movielens-small")
         )
-    paths = {k: write_table(t, os.path.join(raw, f"{k}.parquet")) for k, t in tables.items()}
+    paths = write_tables(tables, raw)
     run(
         PreprocessConfig(
             events=[paths["events"]], items=[paths["items"]],

@@ -163,6 +163,48 @@ def _rejection_key(r: dict):
     return (r["stage"], r["reason"].split(":")[0])
 
 
+class CleanTable(beam.PTransform):
+    """Raw rows of a keyed vector table (items, query vectors) -> clean ``(key, row)``.
+
+    validate -> drop duplicate keys (one kept, deterministically) -> reject rows whose
+    vectors do not have the table's most common width. Returns ``{"valid", "rejected",
+    "dims"}``, ``dims`` a single ``{field: width}`` element.
+    """
+
+    def __init__(self, validate: beam.DoFn, stage: str, key_field: str, vector_fields: tuple):
+        super().__init__()
+        self._validate = validate
+        self._stage = stage
+        self._key_field = key_field
+        self._vector_fields = tuple(vector_fields)
+
+    def expand(self, rows):
+        fields = self._vector_fields
+        valid = rows | "Validate" >> beam.ParDo(self._validate).with_outputs(REJECTED, main="valid")
+        unique = (
+            valid.valid
+            | "GroupByKey" >> beam.GroupByKey()
+            | "DropDuplicates"
+            >> beam.ParDo(KeepFirstPerKey(self._stage, self._key_field)).with_outputs(
+                REJECTED, main="valid"
+            )
+        )
+        dims = (
+            unique.valid
+            | "VectorLengths" >> beam.FlatMap(vector_lengths(fields))
+            | "CountLengths" >> beam.CombinePerKey(sum)
+            | "CollectLengths" >> beam.combiners.ToList()
+            | "Dims" >> beam.Map(dims_from_counts)
+        )
+        checked = unique.valid | "CheckDims" >> beam.ParDo(
+            CheckVectorDims(self._stage, fields), beam.pvalue.AsSingleton(dims)
+        ).with_outputs(REJECTED, main="valid")
+        rejected = (valid[REJECTED], unique[REJECTED], checked[REJECTED]) | (
+            "FlattenRejected" >> beam.Flatten()
+        )
+        return {"valid": checked.valid, "rejected": rejected, "dims": dims}
+
+
 class Preprocess(beam.PTransform):
     """The whole graph from a pipeline's root; returns the main PCollections by name."""
 
@@ -173,85 +215,46 @@ class Preprocess(beam.PTransform):
     def expand(self, pbegin):
         cfg = self._cfg
         out = cfg.out_dir
-        vec_fields = spec.ITEM_VECTOR_FIELDS
 
         raw_events = pbegin | "ReadEvents" >> ReadRecords(cfg.events, "events")
         raw_items = pbegin | "ReadItems" >> ReadRecords(cfg.items, "items")
 
-        # Items: validate, de-duplicate, check vector widths.
-        items = raw_items["records"] | "ValidateItems" >> beam.ParDo(ValidateItems()).with_outputs(
-            REJECTED, main="valid"
+        # Items (and optional query vectors): validate, de-duplicate, check vector widths.
+        items = raw_items["records"] | "CleanItems" >> CleanTable(
+            ValidateItems(), "items", "item_id", spec.ITEM_VECTOR_FIELDS
         )
-        unique_items = (
-            items.valid
-            | "GroupItemsById" >> beam.GroupByKey()
-            | "DropDuplicateItems"
-            >> beam.ParDo(KeepFirstPerKey("items", "item_id")).with_outputs(REJECTED, main="valid")
-        )
-        item_dims = (
-            unique_items.valid
-            | "ItemVectorLengths" >> beam.FlatMap(vector_lengths(vec_fields))
-            | "CountItemLengths" >> beam.CombinePerKey(sum)
-            | "CollectItemLengths" >> beam.combiners.ToList()
-            | "ItemDims" >> beam.Map(dims_from_counts)
-        )
-        clean_items = unique_items.valid | "CheckItemDims" >> beam.ParDo(
-            CheckVectorDims("items", vec_fields), beam.pvalue.AsSingleton(item_dims)
-        ).with_outputs(REJECTED, main="valid")
-
-        # Optional query vectors.
-        rejected_parts = [raw_events[REJECTED], raw_items[REJECTED], items[REJECTED]]
-        rejected_parts += [unique_items[REJECTED], clean_items[REJECTED]]
+        rejected_parts = [raw_events[REJECTED], raw_items[REJECTED], items["rejected"]]
         if cfg.queries:
             raw_queries = pbegin | "ReadQueries" >> ReadRecords(cfg.queries, "queries")
-            qv = raw_queries["records"] | "ValidateQueries" >> beam.ParDo(
-                ValidateQueryVectors()
-            ).with_outputs(REJECTED, main="valid")
-            uq = (
-                qv.valid
-                | "GroupQueries" >> beam.GroupByKey()
-                | "DropDuplicateQueries"
-                >> beam.ParDo(KeepFirstPerKey("queries", "query")).with_outputs(
-                    REJECTED, main="valid"
-                )
+            clean_queries = raw_queries["records"] | "CleanQueries" >> CleanTable(
+                ValidateQueryVectors(), "queries", "query", ("text_embedding",)
             )
-            q_dims = (
-                uq.valid
-                | "QueryVectorLengths" >> beam.FlatMap(vector_lengths(("text_embedding",)))
-                | "CountQueryLengths" >> beam.CombinePerKey(sum)
-                | "CollectQueryLengths" >> beam.combiners.ToList()
-                | "QueryDims" >> beam.Map(dims_from_counts)
-            )
-            clean_queries = uq.valid | "CheckQueryDims" >> beam.ParDo(
-                CheckVectorDims("queries", ("text_embedding",)), beam.pvalue.AsSingleton(q_dims)
-            ).with_outputs(REJECTED, main="valid")
-            queries = clean_queries.valid
-            rejected_parts += [raw_queries[REJECTED], qv[REJECTED], uq[REJECTED]]
-            rejected_parts += [clean_queries[REJECTED]]
-            q_dims = q_dims | "RenameQueryDims" >> beam.Map(
+            queries = clean_queries["valid"]
+            rejected_parts += [raw_queries[REJECTED], clean_queries["rejected"]]
+            query_dims = clean_queries["dims"] | "RenameQueryDims" >> beam.Map(
                 lambda d: {"query_text_embedding": d.get("text_embedding", 0)}
             )
             dims = (
-                (item_dims, q_dims)
+                (items["dims"], query_dims)
                 | "FlattenDims" >> beam.Flatten()
                 | "CollectDims" >> beam.combiners.ToList()
                 | "MergeDims" >> beam.Map(lambda ds: {k: v for d in ds for k, v in d.items()})
             )
         else:
             queries = pbegin | "NoQueries" >> beam.Create([])
-            dims = item_dims
+            dims = items["dims"]
 
         # Events: validate, join the catalog, count vocabularies and timestamps.
         events = raw_events["records"] | "ValidateEvents" >> beam.ParDo(
             ValidateEvents()
         ).with_outputs(REJECTED, TALLY, main="valid")
-        catalog = clean_items.valid | "CatalogIds" >> beam.Map(lambda kv: kv[0])
+        catalog = items["valid"] | "CatalogIds" >> beam.Map(lambda kv: kv[0])
         joined = events.valid | "JoinItems" >> beam.ParDo(
             JoinCatalog(cfg.max_query_tokens), beam.pvalue.AsList(catalog)
         ).with_outputs(REJECTED, COUNTS, TIMESTAMP_BATCH, main="valid")
         rejected_parts += [events[REJECTED], joined[REJECTED]]
 
-        attribute_counts = clean_items.valid | "AttributeCounts" >> beam.FlatMap(
+        attribute_counts = items["valid"] | "AttributeCounts" >> beam.FlatMap(
             lambda kv: [(("attribute", a), 1) for a in set(kv[1]["attributes"])]
         )
         vocabs = (
@@ -261,7 +264,7 @@ class Preprocess(beam.PTransform):
         )
         _ = vocabs | "WriteVocabularies" >> WriteVocabularies(out)
         sizes = vocabs | "WriteTables" >> WriteTables(
-            out, cfg.max_attributes, clean_items.valid, queries, dims
+            out, cfg.max_attributes, items["valid"], queries, dims
         )
 
         if cfg.split == "time" and cfg.split_times:

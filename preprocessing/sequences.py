@@ -11,8 +11,8 @@ and serialised examples are yielded chunk by chunk, never all held at once.
 
 A chunk's first ``num_prefix`` events are copies of the previous events, history only, so
 every target in the chunk finds its whole window (up to L events, and up to L clicked events)
-in its own record. Events sharing the first target's timestamp are in the prefix too, since
-they are not history but must not be mistaken for it either.
+in its own record. The prefix starts before any earlier event that shares the first target's
+timestamp, so the reader sees those ties and leaves them out of the history.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from preprocessing.vocab import lookup_table
-from seminar_tf.spec import OOV_ID, PAD_ID, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from seminar_tf.spec import OOV_ID, SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
 from seminar_tf.text import normalize_query, tokenize_query
 
 USER_STATS = "user_stats"
@@ -197,13 +197,3 @@ class BuildUserSequences(beam.PTransform):
             ).with_outputs(USER_STATS, main="examples")
         )
         return {"examples": out.examples, USER_STATS: out[USER_STATS]}
-
-
-__all__ = [
-    "BuildUserSequences",
-    "EncodeUserSequence",
-    "chunk_bounds",
-    "sort_events",
-    "tag_splits",
-    "PAD_ID",
-]

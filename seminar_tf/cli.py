@@ -39,8 +39,6 @@ def _setup_logging(verbose: bool) -> None:
 # seminar data synth
 # ---------------------------------------------------------------------------------------------
 def _cmd_synth(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     from seminar_tf.data import synth
 
     cfg = synth.SynthConfig(
@@ -72,18 +70,13 @@ def _cmd_synth(args, extra) -> int:
 def _cmd_preprocess(args, beam_args) -> int:
     from preprocessing.pipeline import PreprocessConfig, run
     from seminar_tf.data import movielens
-    from seminar_tf.data.readers import resolve_files, write_table
+    from seminar_tf.data.readers import resolve_files, write_tables
 
     if args.format == "movielens":
         src = args.events
         t0 = time.time()
         tables, counts = movielens.load(src)
-        raw_dir = os.path.join(args.out, "raw")
-        events_path = write_table(tables["events"], os.path.join(raw_dir, "events.parquet"))
-        items_path = write_table(tables["items"], os.path.join(raw_dir, "items.parquet"))
-        queries = []
-        if "queries" in tables:
-            queries = [write_table(tables["queries"], os.path.join(raw_dir, "queries.parquet"))]
+        paths = write_tables(tables, os.path.join(args.out, "raw"))
         log.info(
             "movielens: %d ratings -> events (%d with a tag as query, %d tags without rating "
             "dropped), %d items, in %.1fs",
@@ -93,7 +86,8 @@ def _cmd_preprocess(args, beam_args) -> int:
             tables["items"].num_rows,
             time.time() - t0,
         )
-        events, items = [events_path], [items_path]
+        events, items = [paths["events"]], [paths["items"]]
+        queries = [paths["queries"]] if "queries" in paths else []
     else:
         if not args.items:
             raise UsageError("--items is required (unless --format movielens)")
@@ -200,8 +194,6 @@ def _check_data_dir(path: str) -> None:
 def _cmd_fit(args, extra) -> int:
     """``seminar pretrain`` (PSU) and ``seminar train`` (CTR): fit, then print the last
     epoch's logs as one JSON line."""
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     _check_data_dir(args.data)
     pretrained = getattr(args, "pretrained", None)
     if pretrained and not os.path.exists(os.path.join(pretrained, "model.keras")):
@@ -218,8 +210,6 @@ def _cmd_fit(args, extra) -> int:
 
 
 def _cmd_evaluate(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     _check_data_dir(args.data)
     from seminar_tf import training
 
@@ -239,8 +229,6 @@ def _cmd_evaluate(args, extra) -> int:
 # seminar export / serve / query / score (export/ and serving/ hold the work)
 # ---------------------------------------------------------------------------------------------
 def _cmd_export(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     from export.writer import export_models
 
     result = export_models(
@@ -254,8 +242,6 @@ def _cmd_export(args, extra) -> int:
 
 
 def _cmd_serve(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     from serving.local_server import LocalServer
 
     server = LocalServer.from_export(
@@ -275,8 +261,6 @@ def _cmd_serve(args, extra) -> int:
 
 
 def _cmd_query(args, extra) -> int:
-    if extra:
-        raise UsageError(f"unknown options: {' '.join(extra)}")
     from serving.client import CascadeClient, ServingError
 
     try:
@@ -361,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--min-attribute-count", type=int, default=1)
     pre.add_argument("--min-token-count", type=int, default=2)
     pre.add_argument("--min-query-count", type=int, default=1)
-    pre.set_defaults(func=_cmd_preprocess)
+    pre.set_defaults(func=_cmd_preprocess, passes_extra=True)  # unknown options go to Beam
 
     pt = sub.add_parser("pretrain", help="pretrain the PSU (three tasks)")
     _add_train_args(pt, with_pretrained=False)
@@ -409,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", required=True, help="directory for scores-*.parquet")
     sc.add_argument("--split", choices=("train", "valid", "test"), default="test")
     sc.add_argument("--batch-size", type=int, default=256)
-    sc.set_defaults(func=_cmd_score)
+    sc.set_defaults(func=_cmd_score, passes_extra=True)  # unknown options go to Beam
     return parser
 
 
@@ -418,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     _setup_logging(args.verbose)
     try:
+        if extra and not getattr(args, "passes_extra", False):
+            raise UsageError(f"unknown options: {' '.join(extra)}")
         return args.func(args, extra)
     except UsageError as e:
         print(f"seminar {args.command}: error: {e}", file=sys.stderr)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -138,11 +137,3 @@ def evaluate_ranking(
     out["ranked_positives"] = int(scores.shape[0])
     out["negatives_per_positive"] = num_negatives
     return out
-
-
-def evaluate(predict, ctr_dataset, rank_dataset, num_items: int, **rank_kwargs) -> dict:
-    t0 = time.time()
-    report = evaluate_ctr(predict, ctr_dataset)
-    report.update(evaluate_ranking(predict, rank_dataset, num_items, **rank_kwargs))
-    report["seconds"] = round(time.time() - t0, 2)
-    return report

@@ -63,10 +63,11 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown config key(s) {unknown}; allowed: {sorted(names)}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = cls(**data)
-        if cfg.distribute not in ("none", "mirrored"):
-            raise ValueError(f"distribute must be 'none' or 'mirrored', got {cfg.distribute!r}")
-        return cfg
+        return cls(**data)
+
+    def __post_init__(self):
+        if self.distribute not in ("none", "mirrored"):
+            raise ValueError(f"distribute must be 'none' or 'mirrored', got {self.distribute!r}")
 
 
 class Throughput(keras.callbacks.Callback):
@@ -279,8 +280,10 @@ def evaluate(
         return np.asarray(model.predict_on_batch(features)).reshape(-1)
 
     ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True, trim=True)
-    rank_ds = make_dataset(data_dir, split, max(1, batch_size // 100 * 2), max_len, history,
-                           targets="positive", trim=True)  # fmt: skip
+    # Each positive is scored with its negatives: keep about 2 x batch_size rows a call.
+    rank_batch = max(1, 2 * batch_size // (num_negatives + 1))
+    rank_ds = make_dataset(data_dir, split, rank_batch, max_len, history, targets="positive",
+                           trim=True)  # fmt: skip
     t0 = time.time()
     report = evaluation.evaluate_ctr(predict, ds)
     log.info("evaluate: CTR metrics on %d examples in %.1fs", report["examples"], time.time() - t0)

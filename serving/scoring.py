@@ -121,7 +121,7 @@ class _CutWindows(beam.DoFn):
 
         self._tf = tf
         self._dataset = dataset
-        self._parse_spec = dataset._parse_spec()
+        self._parse_spec = dataset.parse_spec()
 
     def process(self, serialized):
         tf = self._tf

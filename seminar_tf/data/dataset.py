@@ -21,7 +21,8 @@ TARGET_MODES = ("all", "positive")
 _TARGET_BLOCK = 256
 
 
-def _parse_spec():
+def parse_spec() -> dict:
+    """The ``tf.io.parse_single_example`` features of a stored sequence record."""
     features = {
         "user_id": tf.io.FixedLenFeature([], tf.string),
         "chunk": tf.io.FixedLenFeature([], tf.int64),
@@ -58,13 +59,13 @@ def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history:
         n_before = tf.searchsorted(
             positives[None, :], first_tie[None, :], side="left", out_type=tf.int64
         )[0]
-        slot = tf.cast(n_before, tf.int64)[:, None] + offsets[None, :]
+        slot = n_before[:, None] + offsets[None, :]
         valid = slot >= 0
         # A leading 0 lets invalid slots gather something even when there are no clicks.
         padded = tf.concat([tf.zeros([1], tf.int64), positives], axis=0)
         idx = tf.gather(padded, tf.where(valid, slot + 1, 0))
     else:
-        slot = tf.cast(first_tie, tf.int64)[:, None] + offsets[None, :]
+        slot = first_tie[:, None] + offsets[None, :]
         valid = slot >= 0
         idx = tf.maximum(slot, 0)
     valid64 = tf.cast(valid, tf.int64)
@@ -130,13 +131,13 @@ def make_dataset(
         )
     split_id = spec.SPLIT_NAMES.index(split)
     q = data_spec.max_query_tokens
-    parse_spec = _parse_spec()
+    record_spec = parse_spec()
     keep = list(spec.MODEL_FEATURE_NAMES) + (
         [f.name for f in spec.META_FEATURES] if include_meta else []
     )
 
     def per_record(serialized):
-        record = tf.io.parse_single_example(serialized, parse_spec)
+        record = tf.io.parse_single_example(serialized, record_spec)
         n = tf.size(record["item"], out_type=tf.int64)
         positions = tf.range(record["num_prefix"], n)
         wanted = tf.gather(record["split"], positions) == split_id

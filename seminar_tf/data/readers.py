@@ -114,8 +114,29 @@ def _read_one(path: str, fmt: str) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def _json_cells(col) -> list[str]:
+    """One JSON text per row of a column (floats in their shortest float32 form, so they
+    read back exactly as float32)."""
+    import numpy as np
+
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    typ = arr.type
+    if pa.types.is_list(typ) and pa.types.is_floating(typ.value_type):
+        offsets = arr.offsets.to_numpy()
+        flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).astype(str)
+        return ["[" + ",".join(flat[a:b]) + "]" for a, b in zip(offsets[:-1], offsets[1:])]
+    if pa.types.is_integer(typ):
+        return arr.to_numpy(zero_copy_only=False).astype(str).tolist()
+    return [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in arr.to_pylist()]
+
+
 def write_table(table: pa.Table, path: str) -> str:
-    """Writes ``table`` in the format named by ``path``'s extension (list cells as JSON in CSV)."""
+    """Writes ``table`` in the format named by ``path``'s extension.
+
+    CSV has a header row and list columns as JSON arrays in the cell; an empty string is
+    written as ``""`` (read it back as a string, not a null). JSON Lines has one object a
+    row, list columns as plain arrays.
+    """
     fmt = detect_format(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if fmt == "parquet":
@@ -125,16 +146,30 @@ def write_table(table: pa.Table, path: str) -> str:
     elif fmt == "csv":
         import pyarrow.csv as pcsv
 
-        cols = {}
-        for name in table.column_names:
-            col = table.column(name)
-            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                cols[name] = pa.array([json.dumps(v) for v in col.to_pylist()])
-            else:
-                cols[name] = col
-        pcsv.write_csv(pa.table(cols), path)
+        cols = [
+            pa.array(_json_cells(table[c]), type=pa.string())
+            if pa.types.is_list(table.schema.field(c).type)
+            else table[c]
+            for c in table.column_names
+        ]
+        pcsv.write_csv(pa.table(cols, names=table.column_names), path)
     else:
-        with open(path, "w") as f:
-            for row in table.to_pylist():
-                f.write(json.dumps(row) + "\n")
+        keys = [json.dumps(c) + ":" for c in table.column_names]
+        with open(path, "w", encoding="utf-8") as f:
+            for start in range(0, max(table.num_rows, 1), 200_000):
+                part = table.slice(start, 200_000)
+                cells = [_json_cells(part[c]) for c in table.column_names]
+                f.writelines(
+                    "{" + ",".join(k + v for k, v in zip(keys, row)) + "}\n" for row in zip(*cells)
+                )
     return path
+
+
+def write_tables(tables: dict, out_dir: str, fmt: str = "parquet") -> dict[str, str]:
+    """Writes ``{name: table}`` to ``out_dir/<name>.<fmt>``; returns ``{name: path}``."""
+    if fmt not in FORMATS.values():
+        raise DataError(f"format must be one of {sorted(set(FORMATS.values()))}, got {fmt!r}")
+    return {
+        name: write_table(table, os.path.join(out_dir, f"{name}.{fmt}"))
+        for name, table in tables.items()
+    }

@@ -78,13 +78,12 @@ seconds, strictly increasing within a user.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 import pyarrow as pa
 
 from seminar_tf import spec
+from seminar_tf.data.readers import write_tables
 from seminar_tf.text import normalize_query
 
 FILLER_WORDS = ("best", "cheap", "new", "top", "sale", "gift", "review", "classic")
@@ -96,7 +95,6 @@ _PA_TYPES = {
     "list<string>": pa.list_(pa.string()),
     "list<float32>": pa.list_(pa.float32()),
 }
-_EXTENSIONS = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}
 
 
 def arrow_schema(fields: dict) -> pa.Schema:
@@ -473,21 +471,6 @@ def generate(config: SynthConfig) -> dict[str, pa.Table]:
     return {"events": events, "items": items, "queries": queries}
 
 
-def _json_cells(col: pa.ChunkedArray) -> list[str]:
-    """One JSON text per row of a column (floats in their shortest float32 form)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    typ = arr.type
-    if pa.types.is_list(typ) and pa.types.is_floating(typ.value_type):
-        offsets = arr.offsets.to_numpy()
-        flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32).astype(str)
-        return [
-            "[" + ",".join(flat[a:b]) + "]" for a, b in zip(offsets[:-1], offsets[1:], strict=True)
-        ]
-    if pa.types.is_integer(typ):
-        return arr.to_numpy(zero_copy_only=False).astype(str).tolist()
-    return [json.dumps(v, ensure_ascii=False, separators=(",", ":")) for v in arr.to_pylist()]
-
-
 def write(tables: dict, out_dir: str, fmt: str = "parquet") -> dict[str, str]:
     """Write ``tables`` (as returned by :func:`generate`) to ``out_dir/<name>.<ext>``.
 
@@ -500,35 +483,4 @@ def write(tables: dict, out_dir: str, fmt: str = "parquet") -> dict[str, str]:
     JSON object and list columns are plain JSON arrays. Floats are written in their shortest
     float32 form and read back exactly as float32. Returns ``{name: path}``.
     """
-    if fmt not in _EXTENSIONS:
-        raise ValueError(f"fmt must be one of {sorted(_EXTENSIONS)}, got {fmt!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {}
-    for name, table in tables.items():
-        path = os.path.join(out_dir, f"{name}.{_EXTENSIONS[fmt]}")
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.write_table(table, path)
-        elif fmt == "csv":
-            import pyarrow.csv as pacsv
-
-            cols = [
-                pa.array(_json_cells(table[c]), type=pa.string())
-                if pa.types.is_list(table.schema.field(c).type)
-                else table[c]
-                for c in table.column_names
-            ]
-            pacsv.write_csv(pa.table(cols, names=table.column_names), path)
-        else:
-            keys = [json.dumps(c) + ":" for c in table.column_names]
-            with open(path, "w", encoding="utf-8") as f:
-                for start in range(0, max(table.num_rows, 1), 200_000):
-                    part = table.slice(start, 200_000)
-                    cells = [_json_cells(part[c]) for c in table.column_names]
-                    f.writelines(
-                        "{" + ",".join(k + v for k, v in zip(keys, row, strict=True)) + "}\n"
-                        for row in zip(*cells, strict=True)
-                    )
-        paths[name] = path
-    return paths
+    return write_tables(tables, out_dir, fmt)

@@ -361,13 +361,10 @@ class SeminarCTR(keras.Model):
         return _ops.masked_mean(hist_pair, short, axis=1)
 
     def call(self, inputs, training=None):
-        emb = self.pair_embedding
-        t_vec, t_mask = emb.encode(
-            inputs["target_item"], inputs["target_query"], inputs["target_query_tokens"]
-        )
-        target_pair = emb.fuse(t_vec, t_mask)
+        t_vec, t_mask, target_pair = self._encode_target(inputs)
         features = [target_pair]
         if self.use_history:
+            emb = self.pair_embedding
             hist_item = inputs["hist_item"]
             mask = ops.not_equal(hist_item, 0)
             h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
@@ -380,21 +377,9 @@ class SeminarCTR(keras.Model):
             if self.gsu is None:
                 kept_keys, kept_mask = keys, mask
             else:
-                if self.gsu_modalities:
-
-                    def project(vectors):
-                        return {
-                            m: getattr(self, f"gsu_projection_{m}")(v)
-                            if m in self.gsu_modalities
-                            else v
-                            for m, v in vectors.items()
-                        }
-
-                    t_parts, h_parts = project(t_vec), project(h_vec)
-                    gsu_target, gsu_keys = emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask)
-                else:
-                    t_parts, h_parts = t_vec, h_vec
-                    gsu_target, gsu_keys = target_pair, hist_pair
+                gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
+                    t_vec, t_mask, target_pair, h_vec, h_mask, hist_pair
+                )
                 indices, kept_mask, kept_scores = self.gsu(
                     gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts
                 )
@@ -411,10 +396,26 @@ class SeminarCTR(keras.Model):
             features += [pooled, target_pair * pooled]
             if self.short_term_len:
                 features.append(self._short_term(hist_pair, mask))
-        x = ops.concatenate(features, axis=-1)
-        for layer in self.mlp_layers:
-            x = layer(x, training=training) if isinstance(layer, keras.layers.Dropout) else layer(x)
-        return ops.squeeze(ops.sigmoid(self.logit_layer(x)), axis=-1)
+        return self._mlp_head(features, training=training)
+
+    def _gsu_inputs(self, t_vec, t_mask, target_pair, h_vec, h_mask, hist_pair=None):
+        """``(gsu_target, gsu_keys, target_parts, key_parts)``: with per-modality projections
+        G(j), the parts go through them and are fused again; without, the pair vectors serve
+        (``hist_pair`` is fused here when not given)."""
+        emb = self.pair_embedding
+        if not self.gsu_modalities:
+            if hist_pair is None:
+                hist_pair = emb.fuse(h_vec, h_mask)
+            return target_pair, hist_pair, t_vec, h_vec
+
+        def project(vectors):
+            return {
+                m: getattr(self, f"gsu_projection_{m}")(v) if m in self.gsu_modalities else v
+                for m, v in vectors.items()
+            }
+
+        t_parts, h_parts = project(t_vec), project(h_vec)
+        return emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask), t_parts, h_parts
 
     # ----------------------------------------------------------------------------- serving
     # The two stages of ``call`` as separate methods, for the exported retrieval and ranking
@@ -460,21 +461,10 @@ class SeminarCTR(keras.Model):
         hist_item = inputs["hist_item"]
         mask = ops.not_equal(hist_item, 0)
         h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
-        hist_pair = None
-        if self.gsu_modalities:
-
-            def project(vectors):
-                return {
-                    m: getattr(self, f"gsu_projection_{m}")(v) if m in self.gsu_modalities else v
-                    for m, v in vectors.items()
-                }
-
-            t_parts, h_parts = project(t_vec), project(h_vec)
-            gsu_target, gsu_keys = emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask)
-        else:
-            t_parts, h_parts = t_vec, h_vec
-            hist_pair = emb.fuse(h_vec, h_mask)
-            gsu_target, gsu_keys = target_pair, hist_pair
+        gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
+            t_vec, t_mask, target_pair, h_vec, h_mask
+        )
+        hist_pair = None if self.gsu_modalities else gsu_keys
         if extra_key_parts:
             h_parts = {**h_parts, **extra_key_parts}
         indices, kept_mask, scores = self.gsu(
