@@ -129,9 +129,14 @@ class ServingGraphs:
         self.max_len = int(max_len)
         self.q = int(max_query_tokens)
         self.short_term = bool(model.short_term_len)
-        self.extra_inputs = tuple(getattr(model.gsu.scorer, "serving_features", ()))
+        scorer = model.gsu.scorer
+        self.extra_inputs = tuple(getattr(scorer, "serving_features", ()))
+        self.pq = spec.PQ_CODES in self.extra_inputs
         emb = model.pair_embedding
-        self.sizes = {"L": None, "K": model.top_k, "Q": self.q, "D": model.embedding_dim}
+        self.sizes = {
+            **dict(getattr(scorer, "serving_sizes", {})),
+            "L": None, "K": model.top_k, "Q": self.q, "D": model.embedding_dim,
+        }  # fmt: skip
         self.vocab_sizes = {
             "item": emb.num_items,
             "query": emb.num_queries,
@@ -148,6 +153,14 @@ class ServingGraphs:
 
     def signature(self, name: str) -> spec.SignatureSpec:
         return spec.serving_signature(name, self.short_term, self.extra_inputs)
+
+    def signature_names(self, model_name: str) -> list:
+        """The signatures of one SavedModel, its default first (``PQ_SIGNATURES`` too for a
+        retrieval model whose scorer reads stored codes)."""
+        names = [n for n, s in spec.SERVING_SIGNATURES.items() if s.model == model_name]
+        if self.pq and model_name == spec.RETRIEVAL_MODEL:
+            names += list(spec.PQ_SIGNATURES)
+        return sorted(names, key=lambda n: n != spec.DEFAULT_SIGNATURES[model_name])
 
     # --------------------------------------------------------------------- checks
     @staticmethod
@@ -171,6 +184,23 @@ class ServingGraphs:
                 message=f"{n} must have the shape [B, {what}] of {first}",
             )
             for n in names[1:]
+        ]  # fmt: skip
+
+    def _check_codes(self, features: dict):
+        if not self.pq or spec.PQ_CODES.name not in features:
+            return []
+        codes = features[spec.PQ_CODES.name]
+        centroids = self.model.gsu.scorer.num_centroids
+        return [
+            tf.debugging.assert_greater_equal(
+                codes, tf.constant(-1, codes.dtype),
+                message=f"{spec.PQ_CODES.name}: a code below -1 (-1 marks an absent modality)",
+            ),
+            tf.debugging.assert_less(
+                codes, tf.constant(centroids, codes.dtype),
+                message=f"{spec.PQ_CODES.name}: a code out of range (codebooks have "
+                f"{centroids} centroids)",
+            ),
         ]  # fmt: skip
 
     def _check_ids(self, features: dict, names):
@@ -279,6 +309,7 @@ class ServingGraphs:
         extra_names = [f.name for f in self.extra_inputs]
         checks = self._check_batch(features, names)
         checks += self._check_same_length(features, hist_names + extra_names, "L")
+        checks += self._check_codes(features)
         if encoded:
             checks += self._check_ids(features, names)
         with tf.control_dependencies(checks):
@@ -332,10 +363,27 @@ class ServingGraphs:
         probability = self.model.rank(inputs)
         return {spec.PROBABILITY.name: tf.cast(probability, tf.float32)}
 
+    def _pq_codes(self, features: dict, encoded: bool) -> dict:
+        sig = self.signature("pq_codes_encoded" if encoded else "pq_codes")
+        names = [f.name for f in sig.inputs]
+        checks = self._check_batch(features, names)
+        checks += self._check_same_length(features, names, "L")
+        if encoded:
+            checks += self._check_ids(features, names)
+        with tf.control_dependencies(checks):
+            features = {n: tf.identity(v) for n, v in features.items()}
+        inputs = dict(features) if encoded else self._encode_raw(features, "hist")
+        codes = self.model.pq_codes(inputs)
+        return {spec.PQ_CODES.name: tf.cast(codes, _tf_dtype(spec.PQ_CODES.dtype))}
+
     def function(self, name: str):
         """The ``tf.function`` of signature ``name`` (input signature fixed)."""
         sig = self.signature(name)
-        if sig.model == spec.RETRIEVAL_MODEL:
+        if name in spec.PQ_SIGNATURES:
+
+            def body(features):
+                return self._pq_codes(features, sig.encoded)
+        elif sig.model == spec.RETRIEVAL_MODEL:
 
             def body(features):
                 return self._retrieve(features, sig.encoded)

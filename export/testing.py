@@ -10,6 +10,8 @@ import os
 
 FAST_MODEL = {"embedding_dim": 16, "num_heads": 2, "top_k": 8, "hidden_units": [32]}
 MAX_LEN = 20
+PQ_SUBVECTORS = 4
+PQ_CENTROIDS = 16
 
 
 @contextlib.contextmanager
@@ -23,12 +25,14 @@ def _locked(path: str):
 
 
 def build_tiny_export(root: str) -> dict:
-    """``{"raw", "data", "model", "export"}`` directories under ``root``: synthetic events ->
-    ``seminar preprocess`` (max_len 20) -> ``seminar train`` (3 steps of a small exact-search
-    model) -> ``seminar export`` (version 1). Built once; later calls (from any process)
-    wait for it and reuse it."""
+    """``{"raw", "data", "model", "export", "pq_model", "pq_export"}`` directories under
+    ``root``: synthetic events -> ``seminar preprocess`` (max_len 20) -> ``seminar train``
+    (3 steps of a small exact-search model) -> ``seminar export`` (version 1), and the same
+    model through ``seminar quantize`` (4 sub-vectors x 16 centroids) -> ``seminar export``.
+    Built once; later calls (from any process) wait for it and reuse it."""
     os.makedirs(root, exist_ok=True)
-    paths = {k: os.path.join(root, k) for k in ("raw", "data", "model", "export")}
+    names = ("raw", "data", "model", "export", "pq_model", "pq_export")
+    paths = {k: os.path.join(root, k) for k in names}
     done = os.path.join(root, "done.json")
     with _locked(os.path.join(root, ".lock")):
         if os.path.exists(done):
@@ -59,6 +63,12 @@ def build_tiny_export(root: str) -> dict:
             model.save(os.path.join(paths["model"], training.MODEL_FILE))
         keras.backend.clear_session()
         export_models(paths["model"], paths["export"], version=1)
+        training.quantize(
+            paths["data"], paths["model"], paths["pq_model"], num_subvectors=PQ_SUBVECTORS,
+            num_centroids=PQ_CENTROIDS, recall_ks=(1, FAST_MODEL["top_k"]),
+        )  # fmt: skip
+        keras.backend.clear_session()
+        export_models(paths["pq_model"], paths["pq_export"], version=1)
         with open(done, "w") as f:
             json.dump(paths, f)
     return paths

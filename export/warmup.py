@@ -39,8 +39,8 @@ def example_inputs(
     random prefix of the ``K`` slots.
     """
     rng = np.random.default_rng(seed)
-    k, q = sizes["K"], sizes["Q"]
-    shapes = {"L": length, "K": k, "Q": q, "D": sizes.get("D")}
+    k = sizes["K"]
+    shapes = {**sizes, "L": length}
     real_hist = rng.integers(0, max(length, 1), size=batch_size) if length else np.zeros(batch_size)
     real_kept = rng.integers(0, k + 1, size=batch_size)
     out = {}
@@ -61,7 +61,7 @@ def example_inputs(
         elif f.dtype == "float32":
             out[f.name] = rng.normal(size=shape).astype(np.float32)
         else:
-            out[f.name] = rng.integers(0, 2, size=shape).astype(np.int64)
+            out[f.name] = rng.integers(0, 2, size=shape).astype(f.dtype)
     # Padding: a history is real in its last positions only; kept slots in a prefix.
     for prefix, real, width in (("hist", real_hist, length), ("kept", real_kept, k)):
         if f"{prefix}_item" not in out or width == 0:

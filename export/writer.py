@@ -159,8 +159,7 @@ def _write_saved_model(
 
     from export.warmup import WARMUP_FILE, example_inputs, write_warmup
 
-    signatures = [s for s in spec.SERVING_SIGNATURES.values() if s.model == name]
-    signatures.sort(key=lambda s: s.name != spec.DEFAULT_SIGNATURES[name])  # default first
+    signatures = [graphs.signature(n) for n in graphs.signature_names(name)]
     archive = keras.export.ExportArchive()
     archive.track(model)
     for lookup in vocabularies.lookups.values():
@@ -200,6 +199,11 @@ def _write_saved_model(
         "embedding_dim": model.embedding_dim,
         "history": history,
         "search": model.search,
+        "pq": (
+            {k: v for k, v in graphs.model.gsu.scorer.get_config().items()
+             if k in ("modalities", "num_subvectors", "num_centroids")}
+            if graphs.pq else None
+        ),
         "vocab_sizes": graphs.vocab_sizes,
         "warmup_requests": len(requests),
         "tensorflow": tf.__version__,

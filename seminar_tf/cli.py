@@ -209,6 +209,20 @@ def _cmd_fit(args, extra) -> int:
     return 0
 
 
+def _cmd_quantize(args, extra) -> int:
+    _check_data_dir(args.data)
+    if not os.path.exists(os.path.join(args.model, "model.keras")):
+        raise UsageError(f"--model {args.model}: no model.keras (run seminar train)")
+    from seminar_tf import training
+
+    report = training.quantize(
+        args.data, args.model, args.out, num_subvectors=args.subvectors,
+        num_centroids=args.centroids, max_vectors=args.max_vectors, seed=args.seed,
+    )  # fmt: skip
+    print(json.dumps(report["valid_gsu_recall"]))
+    return 0
+
+
 def _cmd_evaluate(args, extra) -> int:
     _check_data_dir(args.data)
     from seminar_tf import training
@@ -353,6 +367,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the CTR model (optionally from a pretrained PSU)")
     _add_train_args(tr, with_pretrained=True)
     tr.set_defaults(func=_cmd_fit)
+    qz = sub.add_parser(
+        "quantize", help="product-quantize a trained model's first stage (learned codebooks)"
+    )
+    qz.add_argument("--data", required=True, help="the model's preprocessing output")
+    qz.add_argument("--model", required=True, help="a `seminar train` model (search exact)")
+    qz.add_argument("--out", required=True, help="model directory to write")
+    qz.add_argument("--subvectors", type=int, default=16, help="sub-vectors per modality vector")
+    qz.add_argument("--centroids", type=int, default=512, help="centroids per codebook")
+    qz.add_argument("--max-vectors", type=int, default=200_000, help="k-means sample per modality")
+    qz.add_argument("--seed", type=int, default=0)
+    qz.set_defaults(func=_cmd_quantize)
     ev = sub.add_parser("evaluate", help="AUC, GAUC, logloss, HR@K, NDCG@K on a split")
     ev.add_argument("--data", required=True)
     ev.add_argument("--model", required=True)

@@ -218,6 +218,13 @@ SHORT_TERM = FeatureSpec(
     "mean pair vector of the last short_term_len behaviours (models with short_term_len > 0)",
 )  # fmt: skip
 PROBABILITY = FeatureSpec("probability", "float32", (), 0.0, "click probability of the target")
+# Stored product-quantization codes of the history (models whose GSU scorer is ``"pq"``): per
+# behaviour, per GSU modality ``M``, per sub-vector ``S`` the index of its nearest centroid;
+# -1 where the behaviour lacks the modality (and everywhere in padding).
+PQ_CODES = FeatureSpec(
+    "hist_pq_codes", "int32", ("L", "M", "S"), -1,
+    "product-quantization codes of the history's GSU vectors (-1: modality absent)",
+)  # fmt: skip
 
 # A model feature's vocabulary, by the suffix of its name (``None``: not an id).
 _VOCAB_SUFFIXES = (("_query_tokens", "query_token"), ("_item", "item"), ("_query", "query"))
@@ -283,6 +290,16 @@ SERVING_SIGNATURES = {
         ),
     )
 }  # fmt: skip
+# Extra signatures of the retrieval model of a ``"pq"`` model: a history -> its stored codes
+# (what an event store keeps per behaviour, computed once per new event).
+_CODE_INPUTS = tuple(f for f in HISTORY_FEATURES if f.name != "hist_label")
+PQ_SIGNATURES = {
+    s.name: s
+    for s in (
+        SignatureSpec(RETRIEVAL_MODEL, "pq_codes", False, _raw(_CODE_INPUTS), (PQ_CODES,)),
+        SignatureSpec(RETRIEVAL_MODEL, "pq_codes_encoded", True, _CODE_INPUTS, (PQ_CODES,)),
+    )
+}
 # ``serving_default`` of each model is its raw signature.
 DEFAULT_SIGNATURES = {RETRIEVAL_MODEL: "retrieve", RANKING_MODEL: "rank"}
 SERVING_RAW_FEATURES = {n: s.inputs for n, s in SERVING_SIGNATURES.items() if not s.encoded}
@@ -295,10 +312,14 @@ def serving_signature(
     """The :class:`SignatureSpec` ``name`` with the optional features of one model: the
     ``short_term`` vector (retrieval output and ranking input of a model with
     ``short_term_len > 0``) and ``extra_inputs`` of the retrieval (features a GSU scorer
-    declares, e.g. stored product-quantization codes)."""
-    if name not in SERVING_SIGNATURES:
-        raise ValueError(f"Unknown serving signature {name!r}; known: {sorted(SERVING_SIGNATURES)}")
-    sig = SERVING_SIGNATURES[name]
+    declares, e.g. stored product-quantization codes). The ``PQ_SIGNATURES`` have no
+    optional features."""
+    known = {**SERVING_SIGNATURES, **PQ_SIGNATURES}
+    if name not in known:
+        raise ValueError(f"Unknown serving signature {name!r}; known: {sorted(known)}")
+    sig = known[name]
+    if name in PQ_SIGNATURES:
+        return sig
     inputs, outputs = sig.inputs, sig.outputs
     if sig.model == RETRIEVAL_MODEL:
         inputs = inputs + tuple(extra_inputs)

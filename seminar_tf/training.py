@@ -9,6 +9,7 @@ A model directory holds:
 | ``history.json`` | per-epoch losses and metrics (each PSU task loss separately) |
 | ``backup/`` | ``keras.callbacks.BackupAndRestore`` state: rerun to resume after interruption |
 | ``logs/`` | TensorBoard logs (TensorFlow backend) |
+| ``quantization.json`` | ``seminar quantize`` / ``search="pq"``: codebook fit and GSU recall |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger("seminar.train")
 MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
+QUANTIZATION_FILE = "quantization.json"
 
 
 @dataclasses.dataclass
@@ -231,19 +233,106 @@ def train(
                 keras.metrics.BinaryCrossentropy(name="logloss"),
             ],
         )
+    extra_callbacks = list(callbacks or [])
+    fit_codes = None
+    if getattr(model, "search", None) == "pq":
+        from seminar_tf.quantization import FitCodebooks
+
+        # The weights train with exact GSU scores; the codebooks follow them before each
+        # validation, so early stopping sees the quantized first stage.
+        fit_codes = FitCodebooks(_codebook_sample(data_dir, cfg))
+        extra_callbacks.append(fit_codes)
     log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
     hist = model.fit(
         train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
         validation_steps=vsteps if valid is not None else None,
         callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None)
-        + list(callbacks or []),
+        + extra_callbacks,
         verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
     )  # fmt: skip
     model.save(os.path.join(out_dir, MODEL_FILE))
+    if fit_codes is not None:
+        _write_json(os.path.join(out_dir, QUANTIZATION_FILE), {"codebooks": fit_codes.report})
     _save_run(out_dir, cfg, data_dir, "ctr", hist.history,
               {"pretrained": os.path.abspath(pretrained) if pretrained else None,
                "restored_variables": restored})  # fmt: skip
     return model, hist.history
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def _codebook_sample(data_dir: str, cfg: TrainConfig, batches: int = 40):
+    """A fixed sample of training histories (features only) to fit codebooks on."""
+    from seminar_tf.data.dataset import make_dataset
+
+    ds = make_dataset(data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, trim=True)
+    return ds.take(batches).map(lambda features, label: features)
+
+
+def quantize(
+    data_dir: str,
+    model_dir: str,
+    out_dir: str,
+    num_subvectors: int = 16,
+    num_centroids: int = 512,
+    max_vectors: int = 200_000,
+    recall_ks: tuple = (10, 50),
+    recall_batches: int = 20,
+    seed: int = 0,
+) -> dict:
+    """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a
+    product-quantized first stage (codebooks by k-means on training histories), saved as a
+    model directory ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take.
+
+    Writes ``quantization.json``: the codebook fit per modality and the share of the exact
+    model's GSU top-k that the quantized one keeps on the validation split
+    (``seminar_tf.quantization.gsu_recall``). Returns that report.
+    """
+    from seminar_tf.data.dataset import make_dataset
+    from seminar_tf.quantization import gsu_recall, quantize_model
+
+    model = load_model(model_dir)
+    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+        run_cfg = json.load(f)
+    cfg = TrainConfig(**{**run_cfg.get("train", {}), "seed": seed})
+    if max(recall_ks) > getattr(model, "top_k", 0):
+        raise ValueError(
+            f"recall k={max(recall_ks)} exceeds the model's top_k={getattr(model, 'top_k', None)}"
+        )
+    t0 = time.time()
+    pq_model, fit_report = quantize_model(
+        model, _codebook_sample(data_dir, cfg), num_subvectors, num_centroids, max_vectors, seed
+    )
+    t1 = time.time()
+    valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, trim=True)
+    recall = gsu_recall(model, pq_model, valid.map(lambda f, y: f), recall_ks, recall_batches)
+    log.info(
+        "quantize: codebooks in %.1fs; GSU recall vs exact on %d validation examples: %s",
+        t1 - t0, recall["examples"],
+        ", ".join(f"{k} {v:.3f}" for k, v in recall.items() if k.startswith("recall")),
+    )  # fmt: skip
+    os.makedirs(out_dir, exist_ok=True)
+    pq_model.save(os.path.join(out_dir, MODEL_FILE))
+    report = {
+        "source_model": os.path.abspath(model_dir),
+        "num_subvectors": num_subvectors,
+        "num_centroids": num_centroids,
+        "codebooks": fit_report,
+        "valid_gsu_recall": recall,
+        "seconds": round(time.time() - t0, 2),
+    }
+    _write_json(os.path.join(out_dir, QUANTIZATION_FILE), report)
+    run_cfg["train"]["model"] = {
+        **run_cfg["train"].get("model", {}),
+        "search": "pq",
+        "search_config": pq_model.search_config,
+    }
+    run_cfg["quantized_from"] = os.path.abspath(model_dir)
+    _write_json(os.path.join(out_dir, CONFIG_FILE), run_cfg)
+    return report
 
 
 def load_model(model_dir: str):

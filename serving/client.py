@@ -337,10 +337,13 @@ class CascadeClient:
         model = self.models[stage]
         return self._call(stage, lambda: self.transport.metadata(model, self.timeout_s))
 
-    def _signature(self, stage: str) -> spec.SignatureSpec:
-        """The spec signature of ``stage`` with the optional features the served model has
-        (``short_term``; a scorer's extra retrieval inputs, typed from the metadata)."""
-        name = self.signature_name(stage)
+    def _signature(self, stage: str, name: str | None = None) -> spec.SignatureSpec:
+        """The spec signature of ``stage`` (or its signature ``name``) with the optional
+        features the served model has (``short_term``; a scorer's extra retrieval inputs,
+        typed from the metadata)."""
+        name = name or self.signature_name(stage)
+        if name in spec.PQ_SIGNATURES:
+            return spec.serving_signature(name)
         if name not in self._served_inputs:
             sig_def = self.metadata(stage)["signature_def"].get(name)
             if sig_def is None:
@@ -357,8 +360,8 @@ class CascadeClient:
             name, short_term, extra if stage == spec.RETRIEVAL_MODEL else ()
         )
 
-    def _predict(self, stage: str, features: dict) -> dict:
-        sig = self._signature(stage)
+    def _predict(self, stage: str, features: dict, name: str | None = None) -> dict:
+        sig = self._signature(stage, name)
         sizes = {k: v for k, v in self._sizes.items() if v}
         inputs = check_inputs(sig, features, sizes)
         model = self.models[stage]
@@ -373,6 +376,24 @@ class CascadeClient:
         """Calls the retrieval signature: target + history -> ``kept_position`` and the
         ``kept_*`` behaviours (numpy arrays ``[B, K...]``)."""
         return self._predict(spec.RETRIEVAL_MODEL, features)
+
+    @property
+    def uses_stored_codes(self) -> bool:
+        """Whether the served retrieval takes product-quantization codes
+        (``hist_pq_codes``, a ``"pq"`` model): see :meth:`history_codes`."""
+        names = {f.name for f in self._signature(spec.RETRIEVAL_MODEL).inputs}
+        return spec.PQ_CODES.name in names
+
+    def history_codes(self, features: dict) -> np.ndarray:
+        """The stored codes ``hist_pq_codes`` ``[B, L, M, S]`` of histories (``hist_item``,
+        ``hist_query`` and, encoded, ``hist_query_tokens``) from the retrieval model's
+        ``pq_codes`` signature: what an event store keeps per behaviour, computed once per
+        new event, and what :meth:`retrieve` then takes with the history."""
+        name = "pq_codes_encoded" if self.encoded else "pq_codes"
+        names = {f.name for f in spec.PQ_SIGNATURES[name].inputs}
+        inputs = {n: v for n, v in features.items() if n in names}
+        out = self._predict(spec.RETRIEVAL_MODEL, inputs, name)
+        return np.asarray(out[spec.PQ_CODES.name], np.int32)
 
     def rank(self, features: dict) -> np.ndarray:
         """Calls the ranking signature: target + kept behaviours -> probability ``[B]``."""
@@ -392,7 +413,8 @@ class CascadeClient:
     def rank_candidates(self, history: list, candidates: list) -> list:
         """Scores ``candidates`` (``[{"item_id", "query"?}]``) for one user's ``history``
         (``[{"item_id", "query"?, "label"?}]``, oldest first) through the cascade (raw
-        signatures); returns the candidates sorted by decreasing probability, each with
+        signatures; a ``"pq"`` model's history codes come from its ``pq_codes`` signature,
+        where a deployment would read them stored); returns the candidates sorted by decreasing probability, each with
         ``probability`` and ``kept`` (the behaviours the first stage kept for it:
         ``position``, ``item_id``, ``query``, ``score``)."""
         if self.encoded:
@@ -401,6 +423,8 @@ class CascadeClient:
         if not candidates:
             return []
         hist = pad_histories([history])
+        if self.uses_stored_codes:
+            hist[spec.PQ_CODES.name] = self.history_codes(hist)
         b = len(candidates)
         features = {n: np.repeat(v, b, axis=0) for n, v in hist.items()}
         features["target_item"] = [str(c["item_id"]) for c in candidates]

@@ -584,7 +584,7 @@ class _StoredCodesScorer(SearchScorer):
         spec.FeatureSpec("hist_codes", "int64", ("L", 3), 0, "stored codes per behaviour"),
     )
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         if key_parts and "hist_codes" in key_parts:
             return tf.cast(tf.reduce_sum(key_parts["hist_codes"], axis=-1), tf.float32)
         return tf.einsum("bd,bld->bl", target, keys)

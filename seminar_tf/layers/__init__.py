@@ -3,6 +3,7 @@
 from seminar_tf.layers.pair_embedding import MultiModalPairEmbedding
 from seminar_tf.layers.scorers import (
     ExactScorer,
+    PQScorer,
     RecentScorer,
     SearchScorer,
     SimHashScorer,
@@ -18,6 +19,7 @@ __all__ = [
     "ExactScorer",
     "MultiHeadTargetAttention",
     "MultiModalPairEmbedding",
+    "PQScorer",
     "RecentScorer",
     "SearchScorer",
     "SimHashScorer",

@@ -364,6 +364,51 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                 put(QUERY_MODALITY, total / ops.maximum(count, 1.0), query_present)
         return vectors, masks
 
+    def fusion_weights(
+        self, masks: dict, with_query: bool | None = None, item_present=None
+    ) -> dict:
+        """The weight of each modality in the fused pair vector, from the presence masks.
+
+        ``fuse(vectors, masks) == sum_m weights[m][..., None] * vectors[m]``: the item
+        modalities share ``1 - lambda`` (``1`` without a query) in proportion to the learned
+        softmax weights of those present, the query gets ``lambda`` where present, and a
+        padded behaviour (``masks["id"]`` false) gets 0 everywhere. A modality of
+        ``item_modalities`` missing from ``masks`` counts as absent. The first-stage
+        product-quantization scorer uses these weights to fuse its per-modality scores.
+
+        Args:
+            masks: ``{modality: bool [...]}`` as :meth:`encode` returns them.
+            with_query: whether the pair has a query part; default: ``"query" in masks``.
+            item_present: bool ``[...]``, false for padded behaviours; default
+                ``masks["id"]`` (when there is one).
+
+        Returns:
+            ``{modality: float [...]}`` for the item modalities in ``masks`` and, with a
+            query part, ``"query"``.
+        """
+        logits = self.modality_logits
+        shift = ops.stop_gradient(ops.max(logits))
+        raw, norm = {}, 0.0
+        for i, name in enumerate(self.item_modalities):
+            if name not in masks:
+                continue
+            raw[name] = ops.exp(logits[i] - shift) * ops.cast(masks[name], self.compute_dtype)
+            norm = norm + raw[name]
+        norm = ops.maximum(norm, 1e-12)
+        weights = {name: w / norm for name, w in raw.items()}
+        if with_query is None:
+            with_query = QUERY_MODALITY in masks
+        if not with_query:
+            return weights
+        lam = self.query_weight * ops.cast(masks[QUERY_MODALITY], self.compute_dtype)
+        # A padded behaviour (item id 0) stays zero whatever its query.
+        if item_present is None:
+            item_present = masks.get("id")
+        present = 1.0 if item_present is None else ops.cast(item_present, self.compute_dtype)
+        weights = {name: w * (1.0 - lam) * present for name, w in weights.items()}
+        weights[QUERY_MODALITY] = lam * present
+        return weights
+
     def fuse_items(self, vectors: dict, masks: dict):
         """Fuses the item modalities of ``vectors`` with the learned weights.
 
@@ -371,16 +416,16 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         without text is not pulled towards zero. Any modality of ``item_modalities`` absent
         from ``vectors`` counts as missing. Returns the item vectors ``[..., d]``.
         """
-        logits = self.modality_logits
-        weighted, norm = 0.0, 0.0
-        shift = ops.stop_gradient(ops.max(logits))
-        for i, name in enumerate(self.item_modalities):
-            if name not in vectors:
-                continue
-            w = ops.exp(logits[i] - shift) * ops.cast(masks[name], vectors[name].dtype)
-            weighted = weighted + vectors[name] * ops.expand_dims(w, -1)
-            norm = norm + w
-        return weighted / ops.expand_dims(ops.maximum(norm, 1e-12), -1)
+        item_masks = {m: masks[m] for m in self.item_modalities if m in vectors}
+        weights = self.fusion_weights(item_masks, with_query=False)
+        return self._weighted_sum(vectors, weights)
+
+    @staticmethod
+    def _weighted_sum(vectors: dict, weights: dict):
+        total = 0.0
+        for name, w in weights.items():
+            total = total + vectors[name] * ops.expand_dims(ops.cast(w, vectors[name].dtype), -1)
+        return total
 
     def fuse_pair(self, item_vector, query_vector=None, query_mask=None):
         """``lambda * query + (1 - lambda) * item`` where a query is present, else ``item``."""
@@ -392,14 +437,13 @@ class MultiModalPairEmbedding(keras.layers.Layer):
 
     def fuse(self, vectors: dict, masks: dict):
         """Pair vectors ``[..., d]`` from :meth:`encode`'s (possibly transformed) outputs;
-        zeros where the item is padding."""
-        item = self.fuse_items(vectors, masks)
-        if QUERY_MODALITY not in vectors:
-            return item
-        pair = self.fuse_pair(item, vectors[QUERY_MODALITY], masks[QUERY_MODALITY])
-        if "id" in masks:  # a padded behaviour (item id 0) stays zero whatever its query
-            pair = pair * ops.expand_dims(ops.cast(masks["id"], pair.dtype), -1)
-        return pair
+        zeros where the item is padding (see :meth:`fusion_weights`)."""
+        with_query = QUERY_MODALITY in vectors
+        used = {m: masks[m] for m in self.item_modalities if m in vectors}
+        if with_query:
+            used[QUERY_MODALITY] = masks[QUERY_MODALITY]
+        weights = self.fusion_weights(used, with_query=with_query, item_present=masks.get("id"))
+        return self._weighted_sum(vectors, weights)
 
     def call(self, item_ids, query_ids=None, query_tokens=None):
         vectors, masks = self.encode(item_ids, query_ids, query_tokens)

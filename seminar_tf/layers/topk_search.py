@@ -16,15 +16,15 @@ class TopKSearch(keras.layers.Layer):
     The scorer is chosen by name from the scorer registry (``seminar_tf.layers.scorers``):
     ``"exact"`` (multi-head target-attention logits averaged over heads: SEMINAR / TWIN),
     ``"soft"`` (inner product: SIM), ``"recent"`` (the last K: DIN), ``"simhash"`` (ETA),
-    and any scorer registered later (e.g. ``"pq"``) with ``scorer_config`` passed to its
+    ``"pq"`` (product-quantized exact scores), and any scorer registered later, with ``scorer_config`` passed to its
     constructor.
 
     Masked behaviours are never kept ahead of real ones. When fewer than ``k`` behaviours
     are real (including ``L < k`` and all-padding rows) the kept set is padded with masked
     entries. Ties keep the lower position first.
 
-    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None)``
-    returns ``(indices [B, k] int32, kept_mask [B, k] bool, scores [B, k])``, in decreasing
+    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None,
+    key_weights=None)`` (see ``SearchScorer``) returns ``(indices [B, k] int32, kept_mask [B, k] bool, scores [B, k])``, in decreasing
     score order; where ``kept_mask`` is false the index is 0 and the score 0, so gathering
     with the indices is always in range.
 
@@ -72,13 +72,24 @@ class TopKSearch(keras.layers.Layer):
         self.scorer.build(target_shape, keys_shape, mask_shape)
         self.built = True
 
-    def score_all(self, target, keys, mask, target_parts=None, key_parts=None):
+    def score_all(
+        self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
         """Scores of all ``L`` behaviours ``[B, L]`` (masked positions unspecified)."""
-        return self.scorer(target, keys, mask, target_parts=target_parts, key_parts=key_parts)
+        kwargs = {"target_parts": target_parts, "key_parts": key_parts}
+        if key_weights is not None:
+            kwargs["key_weights"] = key_weights
+        return self.scorer(target, keys, mask, training=training, **kwargs)
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(
+        self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
         mask = ops.cast(mask, "bool")
-        scores = self.score_all(target, keys, mask, target_parts, key_parts)
+        scores = self.score_all(
+            target, keys, mask, target_parts, key_parts, key_weights, training=training
+        )
         scores = ops.cast(scores, "float32")
         # Append k masked columns so top_k always has >= k candidates (handles L < k).
         scores = ops.pad(scores, [[0, 0], [0, self.k]])

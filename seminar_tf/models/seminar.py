@@ -6,6 +6,7 @@ SEMINAR itself and its baselines are configurations of this one model:
 | --- | --- |
 | ``search="exact"`` + :meth:`SeminarCTR.restore_pretrained` from a :class:`PSU` | SEMINAR |
 | ``search="exact"`` without pretraining | TWIN-like (GSU and ESU both attention) |
+| ``search="pq"`` | SEMINAR with product-quantized first stage (``seminar_tf.quantization``) |
 | ``search="soft"`` | SIM (soft search) |
 | ``search="simhash"`` | ETA |
 | ``search="recent"`` | DIN over the last K behaviours |
@@ -28,6 +29,8 @@ from seminar_tf.layers.topk_search import TopKSearch
 from seminar_tf.models.psu import PSU
 
 NO_SEARCH = "all"
+# Scorers built on the multi-head attention that a PSU pretrains (restorable from it).
+ATTENTION_SCORERS = ("exact", "pq")
 
 
 def _relative_name(variable, layer) -> str:
@@ -233,7 +236,15 @@ class SeminarCTR(keras.Model):
         if self.use_history and search != NO_SEARCH:
             config = self.search_config
             if config is None:
-                config = {"num_heads": self.num_heads} if search == "exact" else {}
+                config = {"num_heads": self.num_heads} if search in ATTENTION_SCORERS else {}
+            if search == "pq" and "modalities" not in config:
+                emb = self.pair_embedding
+                config = {
+                    **config,
+                    "modalities": list(
+                        emb.item_modalities + ((QUERY_MODALITY,) if emb.use_query else ())
+                    ),
+                }
             self.gsu = TopKSearch(k=self.top_k, scorer=search, scorer_config=config, name="gsu")
             self._use_gsu_bias = self.gsu_score_bias and self.gsu.differentiable
             if self._use_gsu_bias:
@@ -263,7 +274,7 @@ class SeminarCTR(keras.Model):
         self.logit_layer = keras.layers.Dense(1, name="logit")
         if self.freeze_pretrained:
             self.pair_embedding.trainable = False
-            if self.gsu is not None and search == "exact":
+            if self.gsu is not None and search in ATTENTION_SCORERS:
                 self.gsu.trainable = False
 
     # ----------------------------------------------------------------------------- build
@@ -319,7 +330,7 @@ class SeminarCTR(keras.Model):
         side tables are data, not learned, and are copied only with ``include_tables``. With
         ``include_attention`` and ``search="exact"``, the query/key projections of the PSU's
         ``attention`` also go to the GSU scorer (SEMINAR's GSU shares the PSU's attention
-        structure). ``G(j)`` stays at the identity. Both models are built first if needed.
+        structure; also for ``"pq"``). ``G(j)`` stays at the identity. Both models are built first if needed.
 
         Returns:
             The names of the copied variables (``pair_embedding/...``, ``gsu/...``).
@@ -343,7 +354,7 @@ class SeminarCTR(keras.Model):
                 psu.pair_embedding, self.pair_embedding, skip=skip, what="pair_embedding"
             )
         ]
-        if include_attention and self.gsu is not None and self.search == "exact":
+        if include_attention and self.gsu is not None and self.search in ATTENTION_SCORERS:
             target = self.gsu.scorer.attention
             copied += [
                 f"gsu/{n}"
@@ -381,7 +392,13 @@ class SeminarCTR(keras.Model):
                     t_vec, t_mask, target_pair, h_vec, h_mask, hist_pair
                 )
                 indices, kept_mask, kept_scores = self.gsu(
-                    gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts
+                    gsu_target,
+                    gsu_keys,
+                    mask,
+                    target_parts=t_parts,
+                    key_parts=h_parts,
+                    key_weights=emb.fusion_weights(h_mask),
+                    training=training,
                 )
                 gather = ops.broadcast_to(
                     ops.expand_dims(indices, -1),
@@ -407,15 +424,15 @@ class SeminarCTR(keras.Model):
             if hist_pair is None:
                 hist_pair = emb.fuse(h_vec, h_mask)
             return target_pair, hist_pair, t_vec, h_vec
-
-        def project(vectors):
-            return {
-                m: getattr(self, f"gsu_projection_{m}")(v) if m in self.gsu_modalities else v
-                for m, v in vectors.items()
-            }
-
-        t_parts, h_parts = project(t_vec), project(h_vec)
+        t_parts, h_parts = self._project_gsu(t_vec), self._project_gsu(h_vec)
         return emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask), t_parts, h_parts
+
+    def _project_gsu(self, vectors: dict) -> dict:
+        """``G(j)`` of each modality that has one."""
+        return {
+            m: getattr(self, f"gsu_projection_{m}")(v) if m in self.gsu_modalities else v
+            for m, v in vectors.items()
+        }
 
     # ----------------------------------------------------------------------------- serving
     # The two stages of ``call`` as separate methods, for the exported retrieval and ranking
@@ -447,8 +464,10 @@ class SeminarCTR(keras.Model):
             inputs: ``spec.TARGET_FEATURES`` and ``spec.HISTORY_FEATURES`` (``hist_label`` is
                 not needed) with a batch dimension, history ``[B, L]`` of any ``L``.
             extra_key_parts: optional ``{name: tensor}`` passed to the scorer inside
-                ``key_parts`` (inputs a scorer declares, e.g. stored product-quantization
-                codes ``[B, L, ...]``).
+                ``key_parts`` (inputs a scorer declares in ``serving_features``). For the
+                ``"pq"`` scorer, the stored codes ``{"hist_pq_codes": [B, L, M, S]}`` (as
+                :meth:`pq_codes` computes them): the history is then scored from the codes
+                alone (its vectors are not computed; only its item ids mark the padding).
 
         Returns:
             ``{"indices": [B, K] int32, "kept_mask": [B, K] bool, "scores": [B, K] float32}``
@@ -460,22 +479,65 @@ class SeminarCTR(keras.Model):
         t_vec, t_mask, target_pair = self._encode_target(inputs)
         hist_item = inputs["hist_item"]
         mask = ops.not_equal(hist_item, 0)
-        h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
-        gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
-            t_vec, t_mask, target_pair, h_vec, h_mask
-        )
-        hist_pair = None if self.gsu_modalities else gsu_keys
-        if extra_key_parts:
-            h_parts = {**h_parts, **extra_key_parts}
-        indices, kept_mask, scores = self.gsu(
-            gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts
-        )
+        extra = dict(extra_key_parts or {})
+        codes = extra.get(spec.PQ_CODES.name)
+        h_vec = h_mask = hist_pair = None
+        if codes is not None and self.search == "pq":
+            gsu_target = self._gsu_target(t_vec, t_mask, target_pair)
+            h_mask = self.gsu.scorer.presence(codes)
+            weights = emb.fusion_weights(h_mask, item_present=mask)
+            indices, kept_mask, scores = self.gsu(
+                gsu_target, gsu_target, mask, key_parts=extra, key_weights=weights
+            )
+        else:
+            h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+            gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
+                t_vec, t_mask, target_pair, h_vec, h_mask
+            )
+            hist_pair = None if self.gsu_modalities else gsu_keys
+            indices, kept_mask, scores = self.gsu(
+                gsu_target,
+                gsu_keys,
+                mask,
+                target_parts=t_parts,
+                key_parts={**h_parts, **extra},
+                key_weights=emb.fusion_weights(h_mask),
+            )
         out = {"indices": indices, "kept_mask": kept_mask, "scores": scores}
         if self.short_term_len:
             if hist_pair is None:
+                if h_vec is None:
+                    h_vec, h_mask = emb.encode(
+                        hist_item, inputs["hist_query"], inputs["hist_query_tokens"]
+                    )
                 hist_pair = emb.fuse(h_vec, h_mask)
             out["short_term"] = self._short_term(hist_pair, mask)
         return out
+
+    def _gsu_target(self, t_vec, t_mask, target_pair):
+        """The target vector the GSU scores with (through ``G(j)`` when the model has it)."""
+        if not self.gsu_modalities:
+            return target_pair
+        return self.pair_embedding.fuse(self._project_gsu(t_vec), t_mask)
+
+    def gsu_parts(self, inputs) -> tuple:
+        """The history's per-modality GSU vectors (after ``G(j)``) and presence masks:
+        ``({modality: [B, L, d]}, {modality: bool [B, L]})``: what a ``"pq"`` scorer
+        quantizes (``seminar_tf.quantization`` fits its codebooks on them)."""
+        emb = self.pair_embedding
+        h_vec, h_mask = emb.encode(
+            inputs["hist_item"], inputs["hist_query"], inputs["hist_query_tokens"]
+        )
+        return self._project_gsu(h_vec), h_mask
+
+    def pq_codes(self, inputs):
+        """The stored form of a history for a ``"pq"`` model: codes ``int32 [B, L, M, S]``
+        (``spec.PQ_CODES``; -1 where a behaviour lacks a modality, and in padding), which
+        :meth:`retrieve` takes as ``extra_key_parts={"hist_pq_codes": codes}``."""
+        if self.search != "pq" or self.gsu is None:
+            raise ValueError(f"`pq_codes` needs a model with search='pq', not {self.search!r}.")
+        parts, masks = self.gsu_parts(inputs)
+        return self.gsu.scorer.encode_codes(parts, masks)
 
     def gather_kept(self, inputs, retrieved) -> dict:
         """The ranking inputs ``spec.KEPT_FEATURES`` (``kept_item``, ``kept_query``,

@@ -41,11 +41,18 @@ def available_scorers() -> tuple:
 class SearchScorer(keras.layers.Layer):
     """Base of the first-stage scorers: one relevance score per behaviour.
 
-    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None)``
-    returns scores ``[B, L]`` (larger = keep first); values at masked positions are ignored
-    by the caller. ``target_parts`` / ``key_parts`` are optional ``{modality: vectors}``
-    dicts (``[B, d]`` / ``[B, L, d]``) for scorers that work per modality (product
-    quantization); the built-in scorers use the fused vectors only.
+    ``call(target [B, d], keys [B, L, d], mask [B, L], target_parts=None, key_parts=None,
+    key_weights=None)`` returns scores ``[B, L]`` (larger = keep first); values at masked
+    positions are ignored by the caller. ``target_parts`` / ``key_parts`` are optional
+    ``{modality: vectors}`` dicts (``[B, d]`` / ``[B, L, d]``) and ``key_weights``
+    ``{modality: [B, L]}`` the fusion weights with ``keys = sum_m key_weights[m] *
+    key_parts[m]``, for scorers that work per modality (product quantization, ``"pq"``);
+    ``key_parts`` may also carry inputs a scorer declares in ``serving_features`` (stored
+    codes). The other built-in scorers use the fused vectors only.
+
+    Class attribute ``serving_features``: ``spec.FeatureSpec``s of extra retrieval inputs
+    (per-behaviour, shape starting with ``"L"``) the scorer reads from ``key_parts``; an
+    instance may resolve their other symbols in ``serving_sizes``.
 
     Class attribute ``differentiable``: whether the scores carry a useful gradient to the
     vectors and the scorer's weights (a model can then feed them to its second stage).
@@ -56,9 +63,11 @@ class SearchScorer(keras.layers.Layer):
 
     differentiable = False
     scorer_name = None
+    serving_features = ()
+    serving_sizes = {}
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
         self.built = True
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         raise NotImplementedError

@@ -73,7 +73,7 @@ class ExactScorer(SearchScorer):
         self.attention.build(target_shape, keys_shape)
         self.built = True
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         scores = self.attention(target, keys, mask)
         return ops.mean(scores, axis=1) if self.reduction == "mean" else ops.sum(scores, axis=1)
 

@@ -27,6 +27,6 @@ class RecentScorer(SearchScorer):
     ```
     """
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         positions = ops.cast(ops.arange(ops.shape(keys)[1]), keys.dtype)
         return ops.zeros_like(ops.cast(mask, keys.dtype)) + positions

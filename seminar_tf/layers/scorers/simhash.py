@@ -53,7 +53,7 @@ class SimHashScorer(SearchScorer):
     def _signature(self, x):
         return ops.cast(ops.matmul(x, self.hyperplanes) > 0, x.dtype)
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         t = ops.stop_gradient(self._signature(target))  # [B, bits]
         k = ops.stop_gradient(self._signature(keys))  # [B, L, bits]
         # agreements = sum_i t_i k_i + (1 - t_i)(1 - k_i)

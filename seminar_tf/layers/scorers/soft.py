@@ -27,5 +27,5 @@ class SoftScorer(SearchScorer):
 
     differentiable = True
 
-    def call(self, target, keys, mask, target_parts=None, key_parts=None):
+    def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         return ops.einsum("bd,bld->bl", target, keys)

@@ -1,0 +1,241 @@
+"""GSU scorer ``"pq"``: multi-modal product quantization of the behaviours (SEMINAR's online
+first stage), scored asymmetrically from per-target lookup tables."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from seminar_tf import spec
+from seminar_tf.layers.scorers.base import register_scorer
+from seminar_tf.layers.scorers.exact import ExactScorer
+
+
+@register_scorer("pq")
+@keras.saving.register_keras_serializable(package="seminar_tf")
+class PQScorer(ExactScorer):
+    """The ``"exact"`` scorer with the behaviours product-quantized per modality.
+
+    The exact score is a bilinear form of the fused behaviour vector
+    ``k = sum_m g_m k_m`` (``g`` the pair-fusion weights of its modalities,
+    ``MultiModalPairEmbedding.fusion_weights``), so for a target ``t`` it is
+    ``score = c(t) + sum_m g_m u(t) . k_m`` with ``u(t) = mean_h W_k^h q_h(t) / sqrt(e)``.
+    Each modality vector ``k_m`` ``[d]`` is split into ``S`` sub-vectors of ``d / S`` and each
+    sub-vector is replaced by its nearest centroid in the codebook of that (modality,
+    sub-vector) (``C`` centroids, learned by k-means on trained vectors:
+    ``seminar_tf.quantization``). A behaviour is then stored as ``M x S`` small integers, and
+    its score is ``c(t) + sum_m g_m sum_s T[m, s, code[m, s]]`` with the lookup table
+    ``T[m, s, c] = u(t)_s . centroid[m, s, c]`` computed once per target: ``M x S`` table
+    lookups per behaviour instead of ``M`` d x d projections and a d-dimensional product.
+    The target stays exact (asymmetric quantization).
+
+    Shapes: target ``[B, d]``; ``key_parts`` ``{modality: [B, L, d]}`` with
+    ``key_weights`` ``{modality: [B, L]}``, or the stored codes
+    ``key_parts["hist_pq_codes"]`` int ``[B, L, M, S]`` (-1 where a modality is absent)
+    with ``key_weights``; returns ``[B, L]``. With ``training=True`` it scores exactly (as
+    ``"exact"``: quantization is not differentiable, and the codebooks are fitted after, or
+    between, the epochs); otherwise from the codes.
+
+    Weights: the attention of :class:`ExactScorer` (restorable from a PSU or an exact model)
+    and the non-trainable ``codebooks`` ``[M, S, C, d / S]``.
+
+    Args:
+        modalities: names of the quantized modalities, in code order (``M`` of them).
+        num_subvectors: ``S``, sub-vectors per modality vector (must divide ``d``).
+        num_centroids: ``C``, centroids per codebook.
+        num_heads, head_dim, reduction, initialization: as :class:`ExactScorer`.
+        **kwargs: ``keras.layers.Layer`` arguments.
+
+    Example:
+
+    ```python
+    scorer = PQScorer(modalities=("id", "text", "query"), num_subvectors=16)
+    scorer.set_codebooks(codebooks)  # [3, 16, 512, d // 16], e.g. from k-means
+    codes = scorer.encode_codes(parts, masks)  # [B, L, 3, 16]
+    scores = scorer(target, keys, mask, key_parts={"hist_pq_codes": codes},
+                    key_weights=weights)  # [B, L]
+    ```
+    """
+
+    serving_features = (spec.PQ_CODES,)
+
+    def __init__(
+        self,
+        modalities: tuple | list = ("id",),
+        num_subvectors: int = 16,
+        num_centroids: int = 512,
+        num_heads: int = 4,
+        head_dim: int | None = None,
+        reduction: str = "mean",
+        initialization: str = "identity",
+        **kwargs,
+    ):
+        super().__init__(
+            num_heads=num_heads,
+            head_dim=head_dim,
+            reduction=reduction,
+            initialization=initialization,
+            **kwargs,
+        )
+        if isinstance(modalities, str) or not modalities:
+            raise ValueError(f"`modalities` must be a non-empty list of names, got {modalities!r}.")
+        if len(set(modalities)) != len(modalities):
+            raise ValueError(f"`modalities` has duplicates: {modalities!r}.")
+        for name, value in (("num_subvectors", num_subvectors), ("num_centroids", num_centroids)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.modalities = tuple(modalities)
+        self.num_subvectors = num_subvectors
+        self.num_centroids = num_centroids
+
+    @property
+    def serving_sizes(self) -> dict:
+        """Sizes of the symbols of ``serving_features``: ``M`` modalities, ``S`` sub-vectors."""
+        return {"M": len(self.modalities), "S": self.num_subvectors}
+
+    def build(self, target_shape, keys_shape=None, mask_shape=None):
+        if self.built:
+            return
+        d = int(target_shape[-1])
+        if d % self.num_subvectors:
+            raise ValueError(
+                f"`num_subvectors`={self.num_subvectors} does not divide the vector size {d}."
+            )
+        super().build(target_shape, keys_shape, mask_shape)
+        self.codebooks = self.add_weight(
+            name="codebooks",
+            shape=(
+                len(self.modalities),
+                self.num_subvectors,
+                self.num_centroids,
+                d // self.num_subvectors,
+            ),
+            initializer="zeros",
+            trainable=False,
+        )
+
+    def set_codebooks(self, codebooks) -> None:
+        """Assigns the codebooks ``[M, S, C, d / S]`` (e.g. k-means centroids)."""
+        if tuple(codebooks.shape) != tuple(self.codebooks.shape):
+            raise ValueError(
+                f"Codebooks of shape {tuple(codebooks.shape)} do not fit this scorer "
+                f"(needs {tuple(self.codebooks.shape)}: modalities x sub-vectors x centroids x "
+                "sub-vector size)."
+            )
+        self.codebooks.assign(ops.cast(codebooks, self.codebooks.dtype))
+
+    # ----------------------------------------------------------------------- codes
+    def encode_codes(self, parts: dict, masks: dict | None = None):
+        """Codes ``int32 [..., M, S]`` of per-modality vectors ``{modality: [..., d]}``: the
+        nearest centroid of each sub-vector; -1 where ``masks[m]`` is false or ``m`` is not
+        in ``parts``."""
+        first = next(iter(parts.values()))
+        lead = ops.shape(first)[:-1]
+        s = self.num_subvectors
+        codes = []
+        for i, m in enumerate(self.modalities):
+            if m not in parts:
+                codes.append(ops.full(tuple(lead) + (s,), -1, dtype="int32"))
+                continue
+            x = ops.reshape(
+                ops.cast(parts[m], self.codebooks.dtype), (-1, s, self.codebooks.shape[-1])
+            )
+            book = self.codebooks[i]  # [S, C, e]
+            # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c)
+            dist = ops.expand_dims(ops.sum(book * book, axis=-1), 0) - 2.0 * ops.einsum(
+                "nse,sce->nsc", x, book
+            )
+            code = ops.reshape(ops.cast(ops.argmin(dist, axis=-1), "int32"), tuple(lead) + (s,))
+            if masks is not None and m in masks:
+                present = ops.expand_dims(ops.cast(masks[m], "bool"), -1)
+                code = ops.where(present, code, -1)
+            codes.append(code)
+        return ops.stack(codes, axis=-2)
+
+    def presence(self, codes) -> dict:
+        """``{modality: bool [...]}``: where the codes ``[..., M, S]`` hold the modality."""
+        return {m: codes[..., i, 0] >= 0 for i, m in enumerate(self.modalities)}
+
+    # ----------------------------------------------------------------------- scores
+    def _linear_form(self, target):
+        """``(u [B, d], c [B])`` with ``exact score(k) = u . k + c`` for this target."""
+        att = self.attention
+        q = ops.einsum("bd,dhe->bhe", target, att.query_kernel)
+        if att.use_bias:
+            q = q + att.query_bias
+        scale = 1.0 / math.sqrt(att._head_dim)
+        if self.reduction == "mean":
+            scale /= att.num_heads
+        u = ops.einsum("bhe,dhe->bd", q, att.key_kernel) * scale
+        c = ops.einsum("bhe,he->b", q, att.key_bias) * scale if att.use_bias else 0.0 * u[:, 0]
+        return u, c
+
+    def lookup_tables(self, target):
+        """``(T [B, M, S, C], c [B])``: ``T[b, m, s, j] = u_s . centroid[m, s, j]``."""
+        u, c = self._linear_form(ops.cast(target, self.codebooks.dtype))
+        e = self.codebooks.shape[-1]
+        u = ops.reshape(u, (-1, self.num_subvectors, e))
+        return ops.einsum("bse,msce->bmsc", u, self.codebooks), c
+
+    def score_codes(self, target, codes, weights):
+        """Scores ``[B, L]`` of the behaviours stored as ``codes`` int ``[B, L, M, S]``,
+        fused with ``weights`` ``[B, L, M]``."""
+        tables, c = self.lookup_tables(target)
+        m, s, k = len(self.modalities), self.num_subvectors, self.num_centroids
+        codes = ops.cast(codes, "int32")
+        present = ops.cast(codes >= 0, tables.dtype)
+        offsets = ops.reshape(ops.arange(m * s, dtype="int32") * k, (m, s))
+        flat_index = ops.maximum(codes, 0) + offsets  # [B, L, M, S]
+        shape = ops.shape(codes)
+        gathered = ops.take_along_axis(
+            ops.reshape(tables, (shape[0], m * s * k)),
+            ops.reshape(flat_index, (shape[0], -1)),
+            axis=1,
+        )
+        partial = ops.sum(ops.reshape(gathered, shape) * present, axis=-1)  # [B, L, M]
+        weights = ops.cast(weights, partial.dtype)
+        return ops.sum(partial * weights, axis=-1) + ops.expand_dims(c, -1)
+
+    def stack_weights(self, key_weights: dict):
+        """``[B, L, M]`` from ``{modality: [B, L]}`` (0 for a modality not given)."""
+        ref = next(iter(key_weights.values()))
+        return ops.stack(
+            [
+                ops.cast(key_weights[m], "float32") if m in key_weights else ops.zeros_like(ref)
+                for m in self.modalities
+            ],
+            axis=-1,
+        )
+
+    def call(
+        self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        if training:
+            return super().call(target, keys, mask)
+        if key_weights is None or not key_parts:
+            raise ValueError(
+                "The 'pq' scorer needs the per-modality `key_parts` (or the stored codes "
+                f"`key_parts['{spec.PQ_CODES.name}']`) and the fusion `key_weights`."
+            )
+        codes = key_parts.get(spec.PQ_CODES.name)
+        if codes is None:
+            missing = [m for m in self.modalities if m in key_weights and m not in key_parts]
+            if missing:
+                raise ValueError(f"The 'pq' scorer got no vectors for modalities {missing}.")
+            masks = {m: key_weights[m] > 0 for m in self.modalities if m in key_weights}
+            codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
+        return self.score_codes(target, codes, self.stack_weights(key_weights))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "modalities": list(self.modalities),
+                "num_subvectors": self.num_subvectors,
+                "num_centroids": self.num_centroids,
+            }
+        )
+        return config

@@ -1,0 +1,253 @@
+"""Multi-modal product quantization of the first stage: codebooks, conversion, recall.
+
+SEMINAR serves its first stage from product-quantized behaviours (see
+``seminar_tf.layers.scorers.PQScorer``). The public code's codebooks are random and never
+trained; here they are learned by k-means (faiss when installed, else scikit-learn) on the
+trained model's own GSU vectors, per (modality, sub-vector), sampled from real histories so
+frequent behaviours weigh as much as they do at serving time.
+
+Typical use: train an exact model, then
+
+```python
+pq_model, report = quantize_model(model, dataset, num_subvectors=16, num_centroids=512)
+recall = gsu_recall(model, pq_model, dataset, ks=(10, 50))   # share of the exact top-K kept
+codes = pq_model.pq_codes(features)                          # what a store keeps per event
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import keras
+import numpy as np
+
+log = logging.getLogger("seminar.quantize")
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, iterations: int = 25) -> np.ndarray:
+    """``k`` centroids ``[k, e]`` of the rows of ``x`` ``[N, e]``.
+
+    With at most ``k`` distinct rows the distinct rows themselves are the centroids (padded
+    by repeating the first), so quantization is exact. Uses faiss when it is installed and
+    scikit-learn's ``KMeans`` otherwise."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    distinct = np.unique(x, axis=0)
+    if len(distinct) <= k:
+        pad = np.repeat(distinct[:1], k - len(distinct), axis=0)
+        return np.concatenate([distinct, pad], axis=0)
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        km = faiss.Kmeans(
+            x.shape[1],
+            k,
+            niter=iterations,
+            seed=seed + 1,
+            verbose=False,
+            max_points_per_centroid=512,
+        )
+        km.train(x)
+        return np.asarray(km.centroids, dtype=np.float32)
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, n_init=1, max_iter=iterations, random_state=seed).fit(x)
+    return km.cluster_centers_.astype(np.float32)
+
+
+def _features(batch):
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
+    """The distinct per-modality GSU vectors ``{modality: [N_m, d]}`` of the histories in
+    ``dataset`` (batches of model features, or ``(features, label)``), read until every
+    modality has ``max_vectors`` samples or the data ends; padding and absent modalities are
+    left out."""
+    found: dict[str, list] = {}
+    counts: dict[str, int] = {}
+    for batch in dataset:
+        parts, masks = model.gsu_parts(_features(batch))
+        for m, vectors in parts.items():
+            present = np.asarray(keras.ops.convert_to_numpy(masks[m]), bool)
+            v = np.asarray(keras.ops.convert_to_numpy(vectors), np.float32)[present]
+            found.setdefault(m, []).append(v)
+            counts[m] = counts.get(m, 0) + len(v)
+        if counts and min(counts.values()) >= max_vectors:
+            break
+    out = {}
+    for m, chunks in found.items():
+        v = np.concatenate(chunks, axis=0)[:max_vectors]
+        if len(v):
+            out[m] = v
+    return out
+
+
+def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> dict:
+    """Fits the codebooks of a ``search="pq"`` model's scorer by k-means on its GSU vectors
+    (:func:`collect_gsu_vectors`) and assigns them.
+
+    Returns ``{modality: {"vectors": N, "relative_error": ||x - q(x)||^2 / ||x||^2}}``
+    (the error on the vectors it was fitted on). A modality with no vector in the data
+    keeps zero codebooks (and its behaviours score 0 on it).
+    """
+    scorer = _pq_scorer(model)
+    t0 = time.time()
+    vectors = collect_gsu_vectors(model, dataset, max_vectors)
+    s, c = scorer.num_subvectors, scorer.num_centroids
+    books = np.array(keras.ops.convert_to_numpy(scorer.codebooks), np.float32)
+    e = books.shape[-1]
+    report = {}
+    for i, m in enumerate(scorer.modalities):
+        x = vectors.get(m)
+        if x is None:
+            report[m] = {"vectors": 0, "relative_error": None}
+            continue
+        sub = x.reshape(len(x), s, e)
+        for j in range(s):
+            books[i, j] = kmeans(sub[:, j], c, seed=seed + 1000 * i + j)
+        err = _quantization_error(sub, books[i])
+        report[m] = {"vectors": int(len(x)), "relative_error": err}
+    scorer.set_codebooks(books)
+    log.info(
+        "quantize: codebooks %s fitted in %.1fs (%s)",
+        tuple(books.shape),
+        time.time() - t0,
+        ", ".join(
+            f"{m}: {r['vectors']} vectors, error {r['relative_error']:.3f}"
+            for m, r in report.items()
+            if r["vectors"]
+        ),
+    )
+    return report
+
+
+def _quantization_error(sub: np.ndarray, books: np.ndarray) -> float:
+    """``sum ||x - q(x)||^2 / sum ||x||^2`` for sub-vectors ``[N, S, e]`` and books
+    ``[S, C, e]``."""
+    total, norm = 0.0, 0.0
+    for j in range(sub.shape[1]):
+        x = sub[:, j]
+        d = (x * x).sum(1, keepdims=True) - 2 * x @ books[j].T + (books[j] ** 2).sum(1)[None]
+        total += float(np.maximum(d.min(axis=1), 0).sum())
+        norm += float((x * x).sum())
+    return total / max(norm, 1e-12)
+
+
+def _pq_scorer(model):
+    if getattr(model, "search", None) != "pq" or model.gsu is None:
+        raise ValueError(
+            "The model's first stage is not product-quantized (search="
+            f"{getattr(model, 'search', None)!r}); convert it with `quantize_model`."
+        )
+    return model.gsu.scorer
+
+
+def quantize_model(
+    model,
+    dataset,
+    num_subvectors: int = 16,
+    num_centroids: int = 512,
+    max_vectors: int = 200_000,
+    seed: int = 0,
+):
+    """A copy of a trained ``search="exact"`` SeminarCTR whose first stage is the ``"pq"``
+    scorer, with the same weights and codebooks fitted on ``dataset``.
+
+    Returns ``(pq_model, report)`` with the report of :func:`fit_codebooks`.
+    """
+    from seminar_tf.models.seminar import SeminarCTR, copy_layer_weights
+
+    if not isinstance(model, SeminarCTR) or model.search not in ("exact", "pq"):
+        raise ValueError(
+            "Only a SeminarCTR with search='exact' (or 'pq') can be product-quantized; got "
+            f"{type(model).__name__} with search={getattr(model, 'search', None)!r}."
+        )
+    model._require_cascade("quantize_model")
+    if not model.built:
+        model.build()
+    scorer = model.gsu.scorer
+    config = model.get_config()
+    search_config = {
+        "num_heads": scorer.num_heads,
+        "head_dim": scorer.head_dim,
+        "reduction": scorer.reduction,
+        "initialization": scorer.initialization,
+        "num_subvectors": int(num_subvectors),
+        "num_centroids": int(num_centroids),
+    }
+    config.update(search="pq", search_config=search_config, name=f"{model.name}_pq")
+    copy = SeminarCTR.from_config(config)
+    copy.build()
+    skip = tuple(n for n in (_gsu_names(model) | _gsu_names(copy)) if n.startswith("gsu/"))
+    copy_layer_weights(model, copy, skip=skip, what="quantized model")
+    copy_layer_weights(scorer.attention, copy.gsu.scorer.attention, what="GSU attention")
+    report = fit_codebooks(copy, dataset, max_vectors=max_vectors, seed=seed)
+    return copy, report
+
+
+def _gsu_names(model) -> set:
+    from seminar_tf.models.seminar import _relative_name
+
+    return {_relative_name(v, model) for v in model.weights}
+
+
+def gsu_recall(reference, model, dataset, ks=(10, 50), max_batches: int | None = None) -> dict:
+    """How much of ``reference``'s first-stage top-K ``model`` keeps: for each ``k`` in
+    ``ks``, the mean over examples with at least one real behaviour of
+    ``|top_k(reference) & top_K(model)| / min(k, real behaviours)`` where ``K`` is the
+    model's own ``top_k`` (``k <= K``). Both models must have the same ``top_k``.
+    Returns ``{"recall@k": value, ..., "examples": n}``."""
+    sums = {k: 0.0 for k in ks}
+    n = 0
+    for i, batch in enumerate(dataset):
+        if max_batches is not None and i >= max_batches:
+            break
+        features = _features(batch)
+        ref = reference.retrieve(features)
+        got = model.retrieve(features)
+        ref_idx = keras.ops.convert_to_numpy(ref["indices"])
+        ref_kept = keras.ops.convert_to_numpy(ref["kept_mask"])
+        got_idx = keras.ops.convert_to_numpy(got["indices"])
+        got_kept = keras.ops.convert_to_numpy(got["kept_mask"])
+        for r in range(len(ref_idx)):
+            real = int(ref_kept[r].sum())
+            if real == 0:
+                continue
+            kept = set(got_idx[r][got_kept[r]].tolist())
+            for k in ks:
+                top = ref_idx[r][: min(k, real)]
+                sums[k] += len(kept.intersection(top.tolist())) / len(top)
+            n += 1
+    out = {f"recall@{k}": (sums[k] / n if n else float("nan")) for k in ks}
+    out["examples"] = n
+    return out
+
+
+class FitCodebooks(keras.callbacks.Callback):
+    """Refits a ``"pq"`` model's codebooks before each validation and at the end of
+    training, so validation metrics (and early stopping) see the quantized first stage
+    while the weights train with exact scores.
+
+    Args:
+        dataset: batches of model features (a finite sample of the training data).
+        max_vectors: vectors per modality for k-means.
+    """
+
+    def __init__(self, dataset, max_vectors: int = 100_000):
+        super().__init__()
+        self.dataset = dataset
+        self.max_vectors = max_vectors
+        self.report = None
+
+    def _fit(self):
+        self.report = fit_codebooks(self.model, self.dataset, self.max_vectors)
+
+    def on_test_begin(self, logs=None):
+        self._fit()
+
+    def on_train_end(self, logs=None):
+        self._fit()

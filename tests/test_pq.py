@@ -1,0 +1,220 @@
+"""Multi-modal product quantization: the "pq" scorer, stored codes, codebook fitting, recall."""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from keras import ops  # noqa: E402
+
+from seminar_tf import spec, testing  # noqa: E402
+from seminar_tf.layers import PQScorer  # noqa: E402
+from seminar_tf.models import build_model  # noqa: E402
+from seminar_tf.quantization import gsu_recall, kmeans, quantize_model  # noqa: E402
+
+SPEC = testing.make_data_spec()
+TABLES = testing.make_tables(SPEC)
+CONFIG = {"embedding_dim": 8, "num_heads": 2, "hidden_units": [16], "dropout": 0.1, "top_k": 5}
+
+
+def np_(x):
+    return np.asarray(ops.convert_to_numpy(x))
+
+
+def batch(n=32, seed=1):
+    return testing.make_batch(SPEC, n, seed=seed, min_history=1, padding="mixed")[0]
+
+
+@pytest.fixture(scope="module")
+def exact_model():
+    """An exact model with perturbed weights (G(j) and the attention away from identity)."""
+    model = build_model(SPEC, CONFIG, TABLES)
+    model.build()
+    rng = np.random.default_rng(0)
+    for v in model.trainable_weights:
+        v.assign(np_(v) + rng.normal(0, 0.2, v.shape).astype("float32"))
+    model.gsu_bias_weight.assign(0.7)
+    return model
+
+
+def _numpy_exact_score(scorer, target, key):
+    """The exact scorer's mean-over-heads attention logit, in numpy."""
+    att = scorer.attention
+    wq, bq = np_(att.query_kernel), np_(att.query_bias)
+    wk, bk = np_(att.key_kernel), np_(att.key_bias)
+    q = np.einsum("d,dhe->he", target, wq) + bq
+    k = np.einsum("d,dhe->he", key, wk) + bk
+    return float((q * k).sum(-1).mean() / math.sqrt(wq.shape[-1]))
+
+
+def test_fusion_weights_reproduce_the_fused_pair():
+    emb = build_model(SPEC, CONFIG, TABLES).pair_embedding
+    x = batch()
+    vectors, masks = emb.encode(x["hist_item"], x["hist_query"], x["hist_query_tokens"])
+    weights = emb.fusion_weights(masks)
+    assert set(weights) == set(vectors)
+    fused = sum(np_(vectors[m]) * np_(weights[m])[..., None] for m in vectors)
+    np.testing.assert_allclose(fused, np_(emb.fuse(vectors, masks)), atol=1e-6)
+    padded = np_(x["hist_item"]) == 0
+    assert padded.any() and all(np.all(np_(w)[padded] == 0) for w in weights.values())
+    total = sum(np_(w) for w in weights.values())
+    np.testing.assert_allclose(total[~padded], 1.0, atol=1e-6)
+
+
+def test_lookup_table_scores_equal_the_exact_score_of_the_quantized_vectors():
+    """Asymmetric PQ: exact target against the centroid reconstruction of each behaviour."""
+    rng = np.random.default_rng(3)
+    modalities = ("id", "text", "query")
+    scorer = PQScorer(modalities=modalities, num_subvectors=4, num_centroids=3, num_heads=2)
+    scorer.build((None, 8), (None, None, 8))
+    for v in scorer.attention.weights:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    books = rng.normal(size=(3, 4, 3, 2)).astype("float32")
+    scorer.set_codebooks(books)
+    b, length = 3, 6
+    target = rng.normal(size=(b, 8)).astype("float32")
+    codes = rng.integers(0, 3, size=(b, length, 3, 4)).astype("int32")
+    codes[:, :, 1][rng.random((b, length)) < 0.5] = -1  # some behaviours lack text
+    weights = rng.random((b, length, 3)).astype("float32")
+    weights[codes[..., 0] < 0] = 0.0
+    got = np_(scorer.score_codes(target, codes, weights))
+    for i in range(b):
+        for j in range(length):
+            key = np.zeros(8, np.float32)
+            for m in range(3):
+                if codes[i, j, m, 0] < 0:
+                    continue
+                rebuilt = np.concatenate([books[m, s, codes[i, j, m, s]] for s in range(4)])
+                key += weights[i, j, m] * rebuilt
+            assert got[i, j] == pytest.approx(_numpy_exact_score(scorer, target[i], key), abs=1e-4)
+
+
+def test_encode_codes_picks_the_nearest_centroid_and_marks_absence():
+    rng = np.random.default_rng(4)
+    scorer = PQScorer(modalities=("id", "query"), num_subvectors=2, num_centroids=5, num_heads=2)
+    scorer.build((None, 4))
+    books = rng.normal(size=(2, 2, 5, 2)).astype("float32")
+    scorer.set_codebooks(books)
+    parts = {m: rng.normal(size=(2, 7, 4)).astype("float32") for m in ("id", "query")}
+    masks = {"id": np.ones((2, 7), bool), "query": rng.random((2, 7)) < 0.5}
+    codes = np_(scorer.encode_codes(parts, masks))
+    assert codes.shape == (2, 7, 2, 2) and codes.dtype == np.int32
+    for mi, m in enumerate(("id", "query")):
+        sub = parts[m].reshape(2, 7, 2, 2)
+        dist = ((sub[..., None, :] - books[mi][None, None]) ** 2).sum(-1)  # [2, 7, S, C]
+        want = np.where(masks[m][..., None], dist.argmin(-1), -1)
+        np.testing.assert_array_equal(codes[:, :, mi], want)
+    presence = scorer.presence(codes)
+    np.testing.assert_array_equal(np_(presence["query"]), masks["query"])
+
+
+def test_with_one_centroid_per_vector_pq_equals_exact(exact_model):
+    x = batch()
+    pq_model, report = quantize_model(exact_model, [x], num_subvectors=2, num_centroids=4096)
+    assert all(r["relative_error"] < 1e-6 for r in report.values() if r["vectors"])
+    ref, got = exact_model.retrieve(x), pq_model.retrieve(x)
+    np.testing.assert_allclose(np_(got["scores"]), np_(ref["scores"]), atol=1e-4)
+    np.testing.assert_array_equal(np_(got["indices"]), np_(ref["indices"]))
+    np.testing.assert_allclose(np_(pq_model(x)), np_(exact_model(x)), atol=1e-5)
+    assert gsu_recall(exact_model, pq_model, [x], ks=(1, 5))["recall@5"] == 1.0
+
+
+def test_stored_codes_give_the_in_model_quantization(exact_model):
+    x = batch(seed=5)
+    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=4)
+    codes = np_(pq_model.pq_codes(x))
+    m = len(pq_model.gsu.scorer.modalities)
+    assert codes.shape == x["hist_item"].shape + (m, 4)
+    padded = np_(x["hist_item"]) == 0
+    assert np.all(codes[padded] == -1) and np.all(codes[~padded][:, 0] >= 0)  # id present
+    in_model = pq_model.retrieve(x)
+    stored = pq_model.retrieve(x, extra_key_parts={spec.PQ_CODES.name: codes})
+    for key in ("indices", "kept_mask", "scores"):
+        np.testing.assert_allclose(np_(stored[key]), np_(in_model[key]), atol=1e-5)
+    # Few centroids: a real approximation, so some of the exact top-5 is lost.
+    recall = gsu_recall(exact_model, pq_model, [x], ks=(5,))["recall@5"]
+    assert 0.0 < recall < 1.0
+
+
+def test_training_scores_exactly_and_inference_from_codes(exact_model):
+    x = batch(seed=6)
+    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=2)
+    parts, masks = pq_model.gsu_parts(x)
+    emb = pq_model.pair_embedding
+    weights = emb.fusion_weights(masks)
+    keys = emb.fuse(parts, masks)
+    t_vec, t_mask = emb.encode(x["target_item"], x["target_query"], x["target_query_tokens"])
+    target = pq_model._gsu_target(t_vec, t_mask, emb.fuse(t_vec, t_mask))
+    mask = np_(x["hist_item"]) != 0
+    scorer, exact = pq_model.gsu.scorer, exact_model.gsu.scorer
+    trained = scorer(target, keys, mask, key_parts=parts, key_weights=weights, training=True)
+    np.testing.assert_allclose(np_(trained), np_(exact(target, keys, mask)), atol=1e-5)
+    served = scorer(target, keys, mask, key_parts=parts, key_weights=weights)
+    assert np.abs(np_(served) - np_(trained))[mask].max() > 1e-3
+    with pytest.raises(ValueError, match="key_weights"):
+        scorer(target, keys, mask)
+
+
+def test_pq_model_saves_loads_and_keeps_its_codebooks(exact_model, tmp_path):
+    x = batch(seed=7)
+    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=8)
+    path = str(tmp_path / "pq.keras")
+    pq_model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.search == "pq" and loaded.gsu.scorer.num_centroids == 8
+    np.testing.assert_array_equal(
+        np_(loaded.gsu.scorer.codebooks), np_(pq_model.gsu.scorer.codebooks)
+    )
+    np.testing.assert_allclose(np_(loaded(x)), np_(pq_model(x)), atol=1e-6)
+    config = loaded.gsu.scorer.get_config()
+    assert config["modalities"] == list(pq_model.gsu.scorer.modalities)
+
+
+def test_pq_trains_with_the_fit_codebooks_callback():
+    from seminar_tf.quantization import FitCodebooks
+
+    x, y = testing.make_batch(SPEC, 64, seed=8, min_history=1)
+    model = build_model(SPEC, {**CONFIG, "search": "pq", "search_config": {
+        "num_heads": 2, "num_subvectors": 2, "num_centroids": 8}}, TABLES)  # fmt: skip
+    model.compile(optimizer="adam", loss="binary_crossentropy", run_eagerly=True)
+    callback = FitCodebooks([x], max_vectors=1000)
+    model.fit(
+        x, y, batch_size=32, epochs=1, validation_data=(x, y), verbose=0, callbacks=[callback]
+    )
+    assert np.abs(np_(model.gsu.scorer.codebooks)).sum() > 0
+    assert callback.report["id"]["vectors"] > 0
+
+
+@pytest.mark.parametrize("library", ["faiss", "sklearn"])
+def test_kmeans_returns_k_centroids_and_is_exact_on_few_points(library, monkeypatch):
+    if library == "sklearn":
+        monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import fails: fallback
+    rng = np.random.default_rng(9)
+    few = rng.normal(size=(5, 3)).astype("float32")
+    centroids = kmeans(np.concatenate([few, few]), 8)
+    assert centroids.shape == (8, 3)
+    assert {tuple(r) for r in centroids} == {tuple(r) for r in few}
+    blobs = np.concatenate([rng.normal(c, 0.01, size=(200, 2)) for c in (-5, 0, 5)])
+    found = np.sort(kmeans(blobs.astype("float32"), 3)[:, 0])
+    np.testing.assert_allclose(found, [-5, 0, 5], atol=0.1)
+
+
+def test_invalid_configurations_say_what_is_wrong(exact_model):
+    with pytest.raises(ValueError, match="num_subvectors"):
+        PQScorer(modalities=("id",), num_subvectors=3).build((None, 8))
+    with pytest.raises(ValueError, match="modalities"):
+        PQScorer(modalities=())
+    scorer = PQScorer(modalities=("id",), num_subvectors=2, num_centroids=4)
+    scorer.build((None, 8))
+    with pytest.raises(ValueError, match="do not fit"):
+        scorer.set_codebooks(np.zeros((1, 2, 5, 4), np.float32))
+    with pytest.raises(ValueError, match="search='pq'"):
+        exact_model.pq_codes(batch())
+    soft = build_model(SPEC, {**CONFIG, "search": "soft"}, TABLES)
+    with pytest.raises(ValueError, match="search='exact'"):
+        quantize_model(soft, [batch()])
