@@ -4,8 +4,8 @@ engines as preprocessing (FnApiRunner here; Dataflow, Flink or Spark elsewhere).
 
 The graph reads as the job diagram::
 
-    ListFiles -> ReadRecords -> CutWindows -> Score (RunInference: retrieve_encoded ->
-    rank_encoded) -> ToRows -> WriteScores (OUT/scores-*.parquet)
+    ListFiles -> ReadRecords -> CutWindows -> Score (RunInference: [pq_codes_encoded ->]
+    retrieve_encoded -> rank_encoded) -> ToRows -> WriteScores (OUT/scores-*.parquet)
 
 ``CutWindows`` cuts each target's history exactly as the tf.data reader does
 (``seminar_tf.data.dataset.cut_windows``) with the export's ``max_len`` and history mode, and
@@ -60,15 +60,25 @@ class _Cascade:
         self.loaded = {
             m: tf.saved_model.load(version_dir(export_dir, m)) for m in spec.SERVING_MODELS
         }
-        self.retrieve = self.loaded[spec.RETRIEVAL_MODEL].signatures["retrieve_encoded"]
+        retrieval = self.loaded[spec.RETRIEVAL_MODEL].signatures
+        self.retrieve = retrieval["retrieve_encoded"]
         self.rank = self.loaded[spec.RANKING_MODEL].signatures["rank_encoded"]
-        self.inputs = list(self.retrieve.structured_input_signature[1])
+        # A "pq" export's retrieval reads the history's stored codes; offline they are
+        # computed from the history by its pq_codes signature.
+        self.codes = retrieval["pq_codes_encoded"] if "pq_codes_encoded" in retrieval else None
+        self.code_inputs = list(self.codes.structured_input_signature[1]) if self.codes else []
+        self.inputs = [
+            n for n in self.retrieve.structured_input_signature[1] if n != spec.PQ_CODES.name
+        ]
         self.rank_inputs = list(self.rank.structured_input_signature[1])
 
     def __call__(self, batch: dict) -> np.ndarray:
         import tensorflow as tf
 
         features = {n: tf.constant(v) for n, v in batch.items()}
+        if self.codes is not None:
+            codes = self.codes(**{n: features[n] for n in self.code_inputs})
+            features[spec.PQ_CODES.name] = codes[spec.PQ_CODES.name]
         retrieved = self.retrieve(**features)
         ranking = {n: retrieved[n] if n in retrieved else features[n] for n in self.rank_inputs}
         return self.rank(**ranking)["probability"].numpy()

@@ -10,17 +10,18 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
 
 from seminar_tf import spec  # noqa: E402
 from serving import scoring  # noqa: E402
 
 
-def _keras_scores(tiny, split):
+def _keras_scores(tiny, split, model_key="model"):
     import seminar_tf.models  # noqa: F401
     from seminar_tf.data.dataset import make_dataset
     from seminar_tf.training import load_model
 
-    model = load_model(tiny["model"])
+    model = load_model(tiny[model_key])
     rows = []
     for features, labels in make_dataset(tiny["data"], split, 128, include_meta=True):
         p = model.predict_on_batch({k: features[k] for k in spec.MODEL_FEATURE_NAMES})
@@ -30,9 +31,13 @@ def _keras_scores(tiny, split):
     return sorted(rows)
 
 
-def test_score_pipeline_equals_the_keras_model(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["exact", "pq"])
+def test_score_pipeline_equals_the_keras_model(tiny, tmp_path, kind):
+    """The pq export's codes are computed in the pipeline by its pq_codes signature."""
+    prefix = "pq_" if kind == "pq" else ""
     out = str(tmp_path / "scores")
-    stats = scoring.score(tiny["data"], tiny["export"], out, split="test", batch_size=64)
+    export = tiny[prefix + "export"]
+    stats = scoring.score(tiny["data"], export, out, split="test", batch_size=64)
     files = glob.glob(os.path.join(out, "scores-*.parquet"))
     assert files
     table = pa.concat_tables([pq.read_table(f) for f in files])
@@ -40,7 +45,7 @@ def test_score_pipeline_equals_the_keras_model(tiny, tmp_path):
     got = sorted(zip(table["user_id"].to_pylist(), table["timestamp"].to_pylist(),
                      table["item"].to_pylist(), table["label"].to_pylist(),
                      table["probability"].to_pylist()))  # fmt: skip
-    want = _keras_scores(tiny, "test")
+    want = _keras_scores(tiny, "test", prefix + "model")
     assert stats["scored"] == len(got) == len(want) > 0
     assert [g[:4] for g in got] == [w[:4] for w in want]
     np.testing.assert_allclose([g[4] for g in got], [w[4] for w in want], rtol=1e-5, atol=1e-6)
