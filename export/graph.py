@@ -280,6 +280,16 @@ class ServingGraphs:
             padded[name] = tf.pad(value, widths, constant_values=empty)
         return padded, tf.pad(order, [[0, 0], [0, 1]], constant_values=-1)
 
+    def _mask_only_history(self, history: dict) -> dict:
+        """Stand-in encoded history for a retrieval scored from stored codes: the codes carry
+        every vector, the raw outputs are gathered from the request's own strings, so only
+        "is this slot real" is needed (id 1 for a real behaviour, 0 for padding), and the
+        L lookups and query tokenisations of the history are skipped."""
+        real = tf.cast(tf.not_equal(strip_text(history["hist_item"]), ""), tf.int64)
+        zeros = tf.zeros_like(real)
+        tokens = tf.zeros(tf.concat([tf.shape(real, tf.int64), [self.q]], 0), tf.int64)
+        return {"hist_item": real, "hist_query": zeros, "hist_query_tokens": tokens}
+
     @staticmethod
     def _gather_raw(x, indices, kept, empty):
         value = tf.gather(x, indices, batch_dims=1)
@@ -327,10 +337,11 @@ class ServingGraphs:
             result = self._retrieval_outputs(target, history, order, extra, {})
         else:
             target = self._encode_raw(features, "target")
-            encoded_history = {
-                **self._encode_raw(history, "hist"),
-                "hist_label": history["hist_label"],
-            }
+            if self.pq and not self.short_term:
+                encoded_history = self._mask_only_history(history)
+            else:
+                encoded_history = self._encode_raw(history, "hist")
+            encoded_history["hist_label"] = history["hist_label"]
             raw = {"kept_item": history["hist_item"], "kept_query": history["hist_query"]}
             result = self._retrieval_outputs(target, encoded_history, order, extra, raw)
         return {f.name: result[f.name] for f in sig.outputs}

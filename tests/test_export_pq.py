@@ -118,6 +118,23 @@ def test_raw_codes_equal_encoded_codes(tiny, loaded):
     enc_codes = _call(loaded, "retrieval", "pq_codes_encoded", encoded)[CODES]
     np.testing.assert_array_equal(raw_codes, enc_codes)
     assert np.all(raw_codes[0, 0] == -1) and np.all(raw_codes[0, 1:, 0] >= 0)
+    # The raw retrieval (which skips the history's lookups: the codes carry its vectors)
+    # keeps what the encoded one keeps.
+    raw_out = _call(loaded, "retrieval", "retrieve", {
+        **raw, CODES: raw_codes, "target_item": np.array([items[4].encode()], object),
+        "target_query": np.array([b""], object)})  # fmt: skip
+    enc_out = _call(loaded, "retrieval", "retrieve_encoded", {
+        **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
+        "target_item": np.array([items.index(items[4]) + 2]), "target_query": np.array([0]),
+        "target_query_tokens": np.zeros((1, q), np.int64)})  # fmt: skip
+    for name in ("kept_position", "kept_score", "kept_label"):
+        np.testing.assert_allclose(raw_out[name], enc_out[name], rtol=1e-5, atol=1e-6)
+    kept = raw_out["kept_position"][0]
+    assert (kept >= 0).sum() == 8
+    names = [h["item_id"] for h in history]
+    for j, pos in enumerate(kept):
+        if pos >= 0:
+            assert raw_out["kept_item"][0, j].decode() == names[pos - 1]
 
 
 @pytest.mark.parametrize(
