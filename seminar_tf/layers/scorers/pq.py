@@ -142,12 +142,17 @@ class PQScorer(ExactScorer):
             x = ops.reshape(
                 ops.cast(parts[m], self.codebooks.dtype), (-1, s, self.codebooks.shape[-1])
             )
-            book = self.codebooks[i]  # [S, C, e]
-            # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c)
-            dist = ops.expand_dims(ops.sum(book * book, axis=-1), 0) - 2.0 * ops.einsum(
-                "nse,sce->nsc", x, book
-            )
-            code = ops.reshape(ops.cast(ops.argmin(dist, axis=-1), "int32"), tuple(lead) + (s,))
+            # One sub-vector at a time: the distances of all N vectors to all C centroids
+            # are [N, C], not [N, S, C] (a batch of 512 histories of 300 is 150k vectors).
+            sub_codes = []
+            for j in range(s):
+                book = self.codebooks[i, j]  # [C, e]
+                # argmin ||x - c||^2 = argmin (||c||^2 - 2 x.c)
+                dist = ops.sum(book * book, axis=-1)[None, :] - 2.0 * ops.matmul(
+                    x[:, j], ops.transpose(book)
+                )
+                sub_codes.append(ops.cast(ops.argmin(dist, axis=-1), "int32"))
+            code = ops.reshape(ops.stack(sub_codes, axis=-1), tuple(lead) + (s,))
             if masks is not None and m in masks:
                 present = ops.expand_dims(ops.cast(masks[m], "bool"), -1)
                 code = ops.where(present, code, -1)
