@@ -218,3 +218,41 @@ def test_invalid_configurations_say_what_is_wrong(exact_model):
     soft = build_model(SPEC, {**CONFIG, "search": "soft"}, TABLES)
     with pytest.raises(ValueError, match="search='exact'"):
         quantize_model(soft, [batch()])
+
+
+JAX_SCRIPT = """
+import os
+import keras, numpy as np
+assert keras.backend.backend() == "jax"
+from seminar_tf import spec, testing
+from seminar_tf.models import build_model
+from seminar_tf.quantization import FitCodebooks, gsu_recall, quantize_model
+ds = testing.make_data_spec()
+tables = testing.make_tables(ds)
+x, y = testing.make_batch(ds, 32, seed=1, min_history=1, padding="mixed")
+config = {"embedding_dim": 8, "num_heads": 2, "top_k": 5, "hidden_units": [16]}
+exact = build_model(ds, config, tables)
+exact.build()
+pq_model, _ = quantize_model(exact, [x], num_subvectors=2, num_centroids=4)
+codes = pq_model.pq_codes(x)
+stored = pq_model.retrieve(x, extra_key_parts={spec.PQ_CODES.name: codes})
+in_model = pq_model.retrieve(x)
+np.testing.assert_allclose(np.asarray(stored["scores"]), np.asarray(in_model["scores"]), atol=1e-5)
+assert 0.0 < gsu_recall(exact, pq_model, [x], ks=(5,))["recall@5"] <= 1.0
+pq_model.compile(optimizer="adam", loss="binary_crossentropy")
+h = pq_model.fit(x, y, batch_size=16, epochs=1, verbose=0, validation_data=(x, y),
+                 callbacks=[FitCodebooks([x])]).history
+assert np.isfinite(h["loss"]).all() and np.isfinite(h["val_loss"]).all()
+print("PQ", keras.backend.backend())
+"""
+
+
+def test_pq_runs_under_jax():
+    """Layers use keras.ops only: the pq scorer, its codes and a fit run on JAX too."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed (pip install 'seminar-tf[jax]')")
+    from tests.test_models import run_script
+
+    assert "PQ jax" in run_script(JAX_SCRIPT, "jax")
