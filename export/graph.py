@@ -2,12 +2,19 @@
 
 Every signature takes the flat named inputs of ``spec.SERVING_SIGNATURES`` with a leading
 batch dimension and returns a dict of outputs that all keep it. The raw signatures run the
-preprocessing's encoding inside the graph: item ids are stripped and looked up, query text is
-normalised (strip + lower-case, ``seminar_tf.text.normalize_query``), looked up as a whole in
-the query vocabulary and split into at most ``Q`` tokens (``seminar_tf.text.tokenize_query``)
-looked up in the token vocabulary; every lookup is a ``keras.layers.StringLookup`` over the
-preprocessing's ``vocab/*.txt`` (carried into the SavedModel as assets), so an unknown value
-maps to the OOV id 1 and "" to the padding id 0.
+preprocessing's encoding inside the graph: item ids and attribute strings are stripped and
+looked up, query text is normalised (strip + lower-case, ``seminar_tf.text.normalize_query``),
+looked up as a whole in the query vocabulary and split into at most ``Q`` tokens
+(``seminar_tf.text.tokenize_query``) looked up in the token vocabulary; every lookup is a
+``keras.layers.StringLookup`` over the preprocessing's ``vocab/*.txt`` (carried into the
+SavedModel as assets), so an unknown value maps to the OOV id 1 and "" to the padding id 0.
+
+Every signature takes the target's ``target_attributes`` ``[B, A]`` (``spec.TARGET_ATTRIBUTES``;
+"" / 0 padding): a row of padding only keeps the item table's attributes of the target, a row
+with any attribute replaces them. It is a required input padded by callers that have none, not
+an optional one: TF Serving signatures have fixed inputs, and a default value (SignatureDef
+``defaults``) is one fixed tensor whose batch dimension would not match other request sizes
+(TF Serving's batching needs every input of a request to share it).
 
 Histories are ``[B, L]`` for any ``L``, padded with "" / 0, most recent last. Padding may sit
 anywhere (it is masked), which is what TF Serving's batching needs: it pads shorter requests
@@ -83,9 +90,9 @@ def named_function(name: str, features: tuple, body):
 
 class Vocabularies:
     """The preprocessing vocabularies the serving inputs need, as ``StringLookup`` layers
-    (``spec`` id convention). Attributes are not among them: they come from the item id."""
+    (``spec`` id convention): items, queries, query tokens and attributes."""
 
-    KINDS = ("item", "query", "query_token")
+    KINDS = ("item", "query", "query_token", "attribute")
 
     def __init__(self, data_dir: str):
         self.lookups = {}
@@ -136,11 +143,14 @@ class ServingGraphs:
         self.sizes = {
             **dict(getattr(scorer, "serving_sizes", {})),
             "L": None, "K": model.top_k, "Q": self.q, "D": model.embedding_dim,
+            "A": emb.attribute_input_size,
         }  # fmt: skip
         self.vocab_sizes = {
             "item": emb.num_items,
             "query": emb.num_queries,
             "query_token": emb.num_query_tokens,
+            # of a serving copy: the vocabulary of request attributes, not its per-item table
+            "attribute": emb.attribute_vocabulary_size,
         }
         for kind, size in self.vocab_sizes.items():
             have = vocabularies.size(kind)
@@ -186,6 +196,23 @@ class ServingGraphs:
             for n in names[1:]
         ]  # fmt: skip
 
+    def _check_attributes(self, features: dict):
+        """The width of ``target_attributes`` is the model's ``A``: the signature declares it,
+        but a SavedModel signature does not enforce a static dimension at run time (and the
+        attribute pooling would accept any width)."""
+        name = spec.TARGET_ATTRIBUTES.name
+        x = features[name]
+        # Padding the runtime shape keeps the check defined (and failing) for a rank-1 input.
+        width = tf.concat([tf.shape(x, out_type=tf.int64), [-1, -1]], axis=0)[1]
+        a = self.sizes["A"]
+        return [
+            tf.debugging.assert_equal(
+                width, tf.constant(a, tf.int64),
+                message=f"{name} must have the shape [B, A] = [B, {a}] (A: max_attributes of "
+                "the model)",
+            )
+        ]  # fmt: skip
+
     def _check_codes(self, features: dict):
         if not self.pq or spec.PQ_CODES.name not in features:
             return []
@@ -222,7 +249,8 @@ class ServingGraphs:
 
     # --------------------------------------------------------------------- encoding
     def _encode_raw(self, features: dict, prefix: str) -> dict:
-        """Raw ``<prefix>_item`` / ``<prefix>_query`` strings -> the encoded model features.
+        """Raw ``<prefix>_item`` / ``<prefix>_query`` (and ``<prefix>_attributes`` when
+        given) strings -> the encoded model features.
 
         Each distinct string is normalised, tokenised and looked up once (a history repeats
         items and queries, and most of its query slots are ""), then gathered back."""
@@ -244,11 +272,15 @@ class ServingGraphs:
             return voc.lookup("query_token", tokenize_query(values, self.q))
 
         item, text = features[f"{prefix}_item"], features[f"{prefix}_query"]
-        return {
+        encoded = {
             f"{prefix}_item": per_unique(item, items),
             f"{prefix}_query": per_unique(text, queries),
             f"{prefix}_query_tokens": per_unique(text, tokens),
         }
+        attributes = features.get(f"{prefix}_attributes")
+        if attributes is not None:  # [B, A], few: looked up as they are
+            encoded[f"{prefix}_attributes"] = voc.lookup("attribute", strip_text(attributes))
+        return encoded
 
     def _keep_recent(self, history: dict, real):
         """``history`` (``[B, L, ...]`` tensors) cut to the ``max_len`` most recent real
@@ -319,6 +351,7 @@ class ServingGraphs:
         extra_names = [f.name for f in self.extra_inputs]
         checks = self._check_batch(features, names)
         checks += self._check_same_length(features, hist_names + extra_names, "L")
+        checks += self._check_attributes(features)
         checks += self._check_codes(features)
         if encoded:
             checks += self._check_ids(features, names)
@@ -333,7 +366,7 @@ class ServingGraphs:
             )
         extra = {n: history.pop(n) for n in extra_names}
         if encoded:
-            target = {f.name: features[f.name] for f in spec.TARGET_FEATURES}
+            target = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES}
             result = self._retrieval_outputs(target, history, order, extra, {})
         else:
             target = self._encode_raw(features, "target")
@@ -352,6 +385,7 @@ class ServingGraphs:
         checks = self._check_batch(features, names)
         kept_names = [f.name for f in spec.KEPT_FEATURES if f.name in features]
         checks += self._check_same_length(features, kept_names, "K")
+        checks += self._check_attributes(features)
         checks.append(
             tf.debugging.assert_all_finite(
                 features["kept_score"], message="kept_score must be finite"

@@ -21,6 +21,18 @@ def _strings(values: list, rng, shape) -> np.ndarray:
     return np.asarray(pool, dtype=object)[rng.integers(0, len(pool), size=shape)]
 
 
+def _given_attributes(values: np.ndarray, rng, seed: int) -> np.ndarray:
+    """``values`` ``[B, A]`` kept in a random non-empty prefix of every other row (which
+    rows alternates with ``seed``) and padding elsewhere: requests both with and without
+    target attributes."""
+    batch, width = values.shape
+    given = (np.arange(batch) + seed) % 2 == 1
+    count = rng.integers(1, max(width, 1) + 1, size=batch)
+    keep = given[:, None] & (np.arange(width)[None, :] < count[:, None])
+    empty = "" if values.dtype == object else 0
+    return np.where(keep, values, empty).astype(values.dtype)
+
+
 def example_inputs(
     signature: spec.SignatureSpec,
     sizes: dict,
@@ -33,7 +45,8 @@ def example_inputs(
     """A valid request ``{name: numpy array}`` for ``signature``.
 
     Histories have ``length`` columns with a padding slot first and a random number of real
-    behaviours, most recent last; about one behaviour in two has a query. Raw signatures draw
+    behaviours, most recent last; about one behaviour in two has a query; every other target
+    has attributes (``target_attributes``), the others none. Raw signatures draw
     strings from ``vocab_values`` (``{kind: [values]}``) plus one unknown value; encoded ones
     draw ids below ``vocab_sizes`` (``{kind: size}``). Kept behaviours (ranking inputs) fill a
     random prefix of the ``K`` slots.
@@ -55,13 +68,15 @@ def example_inputs(
         elif kind is not None:
             size = max(vocab_sizes.get(kind, 0), spec.NUM_RESERVED_IDS)
             ids = rng.integers(spec.OOV_ID, size, size=shape)
-            if kind != "item" and not f.name.endswith("_tokens"):
+            if kind not in ("item", "attribute") and not f.name.endswith("_tokens"):
                 ids = np.where(rng.random(shape) < 0.5, ids, 0)
             out[f.name] = ids.astype(np.int64)
         elif f.dtype == "float32":
             out[f.name] = rng.normal(size=shape).astype(np.float32)
         else:
             out[f.name] = rng.integers(0, 2, size=shape).astype(f.dtype)
+        if kind == "attribute":
+            out[f.name] = _given_attributes(out[f.name], rng, seed)
     # Padding: a history is real in its last positions only; kept slots in a prefix.
     for prefix, real, width in (("hist", real_hist, length), ("kept", real_kept, k)):
         if f"{prefix}_item" not in out or width == 0:

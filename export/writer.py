@@ -91,6 +91,8 @@ def _feature_json(f: spec.FeatureSpec, sizes: dict) -> dict:
         "shape": [None] + [d for d in spec.resolve_serving_shape(f.shape, sizes)],
         "padding": f.padding,
         "description": f.description,
+        # required by the signature all the same; a caller without it sends padding
+        "optional": f.optional,
     }
 
 
@@ -196,6 +198,7 @@ def _write_saved_model(
         "max_len": max_len,
         "top_k": model.top_k,
         "max_query_tokens": graphs.q,
+        "max_attributes": graphs.sizes["A"],
         "embedding_dim": model.embedding_dim,
         "history": history,
         "search": model.search,

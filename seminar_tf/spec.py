@@ -60,7 +60,9 @@ class FeatureSpec:
     """One model input: name, dtype, per-example shape and padding value.
 
     ``shape`` uses the symbols ``"L"`` (history length) and ``"Q"`` (query tokens per query);
-    resolve it with :func:`resolve_shape`.
+    resolve it with :func:`resolve_shape`. ``optional``: a serving input that a request may
+    leave all padding (the signature still takes it: TF Serving signatures have fixed inputs,
+    so clients fill it with ``padding`` when the caller gives none).
     """
 
     name: str
@@ -68,6 +70,7 @@ class FeatureSpec:
     shape: tuple
     padding: object
     description: str
+    optional: bool = False
 
 
 MODEL_FEATURES = (
@@ -186,19 +189,35 @@ class DataSpec:
 # Serving: the signatures of the exported SavedModels (``export/``) and of the client
 # (``serving/``). Two models: ``retrieval`` (the GSU: top-K search over the lifelong history)
 # and ``ranking`` (ESU + MLP over the K kept behaviours). Each has a raw signature (identifiers
-# as the logs have them: string item ids, raw query text; the vocabulary lookup and the query
-# tokenisation run inside the SavedModel) and an encoded one (the int64 ids above).
+# as the logs have them: string item ids, raw query text, attribute strings; the vocabulary
+# lookups and the query tokenisation run inside the SavedModel) and an encoded one (the int64
+# ids above).
 #
 # The retrieval outputs named ``kept_*`` are exactly the ranking inputs of the same names, so a
 # client pipes one stage into the other. Shape symbols: "L" history length (any, per request),
-# "K" the model's top_k, "Q" query tokens per query, "D" the embedding size. A history is
-# padded with "" (strings) / 0 (ids), most recent LAST, as the tf.data reader yields it.
+# "K" the model's top_k, "Q" query tokens per query, "D" the embedding size, "A" the model's
+# max_attributes. A history is padded with "" (strings) / 0 (ids), most recent LAST, as the
+# tf.data reader yields it.
 # ---------------------------------------------------------------------------------------------
 RETRIEVAL_MODEL = "retrieval"
 RANKING_MODEL = "ranking"
 SERVING_MODELS = (RETRIEVAL_MODEL, RANKING_MODEL)
 
 TARGET_FEATURES = tuple(f for f in MODEL_FEATURES if f.name.startswith("target_"))
+# The target's attributes as the request gives them (e.g. a brand-new item, unknown to the
+# item vocabulary, still has its attributes). A serving input only: training reads an item's
+# attributes from the ``item_attributes`` table by its id and never feeds this.
+ATTRIBUTE_SEMANTICS = (
+    "at most A (the model's max_attributes) per target, the rest padding. A row of padding "
+    "only takes target_item's attributes from the item table (as without this input); a row "
+    "with any attribute replaces the table's attributes for that target"
+)
+TARGET_ATTRIBUTES = FeatureSpec(
+    "target_attributes", "int64", ("A",), PAD_ID,
+    f"attribute ids of the target (0 = padding, 1 = OOV), {ATTRIBUTE_SEMANTICS}",
+    optional=True,
+)  # fmt: skip
+SERVING_TARGET_FEATURES = TARGET_FEATURES + (TARGET_ATTRIBUTES,)
 HISTORY_FEATURES = tuple(f for f in MODEL_FEATURES if f.name.startswith("hist_"))
 KEPT_FEATURES = (
     FeatureSpec(
@@ -227,12 +246,16 @@ PQ_CODES = FeatureSpec(
 )  # fmt: skip
 
 # A model feature's vocabulary, by the suffix of its name (``None``: not an id).
-_VOCAB_SUFFIXES = (("_query_tokens", "query_token"), ("_item", "item"), ("_query", "query"))
+_VOCAB_SUFFIXES = (
+    ("_query_tokens", "query_token"), ("_item", "item"), ("_query", "query"),
+    ("_attributes", "attribute"),
+)  # fmt: skip
 
 
 def vocab_kind(name: str) -> str | None:
     """The ``VOCAB_FILES`` kind a feature's ids come from (``"item"``, ``"query"``,
-    ``"query_token"``), or None for a feature that is not an id (labels, scores)."""
+    ``"query_token"``, ``"attribute"``), or None for a feature that is not an id (labels,
+    scores)."""
     for suffix, kind in _VOCAB_SUFFIXES:
         if name.endswith(suffix):
             return kind
@@ -240,18 +263,25 @@ def vocab_kind(name: str) -> str | None:
 
 
 def raw_feature(feature: FeatureSpec) -> FeatureSpec | None:
-    """The raw-signature form of an encoded feature: item ids become strings as in the logs,
-    query ids become the raw query text (whose tokens are computed inside the SavedModel, so
-    ``*_query_tokens`` has no raw form: None); other features are unchanged."""
+    """The raw-signature form of an encoded feature: item ids and attribute ids become
+    strings as in the logs, query ids become the raw query text (whose tokens are computed
+    inside the SavedModel, so ``*_query_tokens`` has no raw form: None); other features are
+    unchanged."""
     kind = vocab_kind(feature.name)
     if kind == "query_token":
         return None
     if kind == "item":
         desc = f"{feature.description} as in the logs ('' = padding, unknown = OOV)"
-        return FeatureSpec(feature.name, "string", feature.shape, "", desc)
+        return dataclasses.replace(feature, dtype="string", padding="", description=desc)
+    if kind == "attribute":
+        desc = (
+            "attribute strings of the target as in the logs ('' = padding, unknown = OOV), "
+            + ATTRIBUTE_SEMANTICS
+        )
+        return dataclasses.replace(feature, dtype="string", padding="", description=desc)
     if kind == "query":
         desc = "raw query text ('' = no query), normalised and tokenised in the SavedModel"
-        return FeatureSpec(feature.name, "string", feature.shape, "", desc)
+        return dataclasses.replace(feature, dtype="string", padding="", description=desc)
     return feature
 
 
@@ -276,17 +306,20 @@ SERVING_SIGNATURES = {
     for s in (
         SignatureSpec(
             RETRIEVAL_MODEL, "retrieve", False,
-            _raw(TARGET_FEATURES + HISTORY_FEATURES), (KEPT_POSITION,) + _raw(KEPT_FEATURES),
+            _raw(SERVING_TARGET_FEATURES + HISTORY_FEATURES),
+            (KEPT_POSITION,) + _raw(KEPT_FEATURES),
         ),
         SignatureSpec(
             RETRIEVAL_MODEL, "retrieve_encoded", True,
-            TARGET_FEATURES + HISTORY_FEATURES, (KEPT_POSITION,) + KEPT_FEATURES,
+            SERVING_TARGET_FEATURES + HISTORY_FEATURES, (KEPT_POSITION,) + KEPT_FEATURES,
         ),
         SignatureSpec(
-            RANKING_MODEL, "rank", False, _raw(TARGET_FEATURES + KEPT_FEATURES), (PROBABILITY,)
+            RANKING_MODEL, "rank", False, _raw(SERVING_TARGET_FEATURES + KEPT_FEATURES),
+            (PROBABILITY,),
         ),
         SignatureSpec(
-            RANKING_MODEL, "rank_encoded", True, TARGET_FEATURES + KEPT_FEATURES, (PROBABILITY,)
+            RANKING_MODEL, "rank_encoded", True, SERVING_TARGET_FEATURES + KEPT_FEATURES,
+            (PROBABILITY,),
         ),
     )
 }  # fmt: skip

@@ -2,8 +2,9 @@
 over TF Serving's gRPC API (``PredictionServiceStub``) or its REST API.
 
 Requests are built from ``seminar_tf.spec.SERVING_SIGNATURES``: the client checks every input
-against the signature (present, dtype, rank) before sending, and the retrieval outputs named
-like ranking inputs (``kept_*``, ``short_term``) are piped into the ranking request. Calls
+against the signature (present, dtype, rank) before sending, fills the optional ones the
+caller left out (``target_attributes``) with padding, and pipes the retrieval outputs named
+like ranking inputs (``kept_*``, ``short_term``) into the ranking request. Calls
 have a deadline and are retried on UNAVAILABLE (gRPC) or connection errors / HTTP 503 (REST)
 with exponential backoff; every failure raises :class:`ServingError` naming the stage and,
 where known, the field.
@@ -14,7 +15,8 @@ Example:
 client = CascadeClient("localhost:8500")                 # or protocol="rest", port 8501
 ranked = client.rank_candidates(
     history=[{"item_id": "i000105", "query": "red shoes", "label": 1}, ...],  # oldest first
-    candidates=[{"item_id": "i000159"}, {"item_id": "i000047", "query": "boots"}],
+    candidates=[{"item_id": "i000159"}, {"item_id": "i000047", "query": "boots"},
+                {"item_id": "a-new-item", "attributes": ["brand_81", "genre_8"]}],
 )
 ranked[0]["item_id"], ranked[0]["probability"], ranked[0]["kept"]
 ```
@@ -23,6 +25,7 @@ ranked[0]["item_id"], ranked[0]["probability"], ranked[0]["kept"]
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import socket
 import time
@@ -69,51 +72,76 @@ def _as_strings(value) -> np.ndarray:
     return out
 
 
+def _as_input(stage: str, f: spec.FeatureSpec, value, sizes: dict) -> np.ndarray:
+    """``value`` as the numpy array input ``f`` takes, or :class:`ServingError` naming it."""
+    try:
+        if f.dtype == "string":
+            array = _as_strings(value)
+        else:
+            array = np.asarray(value)
+            if array.dtype == object or array.dtype.kind not in "iub" + (
+                "f" if f.dtype.startswith("float") else ""
+            ):
+                raise TypeError(f"expects {f.dtype}, got {array.dtype}")
+            if f.dtype == "int64" and array.size and array.dtype.kind == "u":
+                if array.max() > np.iinfo(np.int64).max:
+                    raise TypeError("value too large for int64")
+            array = array.astype(f.dtype)
+    except TypeError as e:
+        raise ServingError(stage, str(e), field=f.name) from None
+    shape = (None,) + spec.resolve_serving_shape(f.shape, {**sizes, "L": None})
+    symbolic = ["B"] + [str(d) for d in f.shape]
+    if array.ndim != len(shape) or any(
+        isinstance(d, int) and d != s for d, s in zip(shape, array.shape)
+    ):
+        raise ServingError(
+            stage,
+            f"expects shape [{', '.join(symbolic)}] = {list(shape)}, got {list(array.shape)}",
+            field=f.name,
+        )
+    return array
+
+
+def padding_input(f: spec.FeatureSpec, batch: int, sizes: dict) -> np.ndarray:
+    """An all-padding ``[batch, ...]`` value of input ``f`` (``sizes`` resolves its fixed
+    dimensions, e.g. ``{"A": 8}``): what a request without the optional ``f`` sends."""
+    shape = (batch,) + spec.resolve_serving_shape(f.shape, sizes)
+    unknown = [d for d in shape if not isinstance(d, int)]
+    if unknown:
+        raise ValueError(f"{f.name}: size {unknown[0]} unknown, cannot pad it")
+    if f.dtype == "string":
+        return np.full(shape, b"", dtype=object)
+    return np.full(shape, f.padding, dtype=f.dtype)
+
+
 def check_inputs(signature: spec.SignatureSpec, features: dict, sizes: dict | None = None) -> dict:
     """``features`` as the numpy arrays ``signature`` takes (strings as bytes, ints as
     int64, floats as float32), or :class:`ServingError` naming the field: missing, unknown,
-    wrong type (a float for an int, a number for a string) or wrong rank / fixed size."""
+    wrong type (a float for an int, a number for a string) or wrong rank / fixed size.
+
+    An optional input (``FeatureSpec.optional``: ``target_attributes``) that ``features``
+    lacks is filled with padding, ``[B, ...]`` with the fixed sizes from ``sizes`` (the
+    signature still requires it: TF Serving signatures have fixed inputs)."""
     stage = signature.model
     sizes = sizes or {}
     wanted = {f.name: f for f in signature.inputs}
     unknown = sorted(set(features) - set(wanted))
     if unknown:
         raise ServingError(stage, f"not an input of {signature.name!r}", field=unknown[0])
-    out = {}
-    for name, f in wanted.items():
-        if name not in features:
-            raise ServingError(stage, f"missing (signature {signature.name!r})", field=name)
-        value = features[name]
-        try:
-            if f.dtype == "string":
-                array = _as_strings(value)
-            else:
-                array = np.asarray(value)
-                if array.dtype == object or array.dtype.kind not in "iub" + (
-                    "f" if f.dtype.startswith("float") else ""
-                ):
-                    raise TypeError(f"expects {f.dtype}, got {array.dtype}")
-                if f.dtype == "int64" and array.size and array.dtype.kind == "u":
-                    if array.max() > np.iinfo(np.int64).max:
-                        raise TypeError("value too large for int64")
-                array = array.astype(f.dtype)
-        except TypeError as e:
-            raise ServingError(stage, str(e), field=name) from None
-        shape = (None,) + spec.resolve_serving_shape(f.shape, {**sizes, "L": None})
-        symbolic = ["B"] + [str(d) for d in f.shape]
-        if array.ndim != len(shape) or any(
-            isinstance(d, int) and d != s for d, s in zip(shape, array.shape)
-        ):
-            raise ServingError(
-                stage,
-                f"expects shape [{', '.join(symbolic)}] = {list(shape)}, got {list(array.shape)}",
-                field=name,
-            )
-        out[name] = array
+    absent = [f for f in signature.inputs if f.name not in features]
+    for f in absent:
+        if not f.optional:
+            raise ServingError(stage, f"missing (signature {signature.name!r})", field=f.name)
+    out = {n: _as_input(stage, f, features[n], sizes) for n, f in wanted.items() if n in features}
     batch = {a.shape[0] for a in out.values()}
     if len(batch) > 1:
         raise ServingError(stage, f"inputs have different batch sizes {sorted(batch)}")
-    return out
+    for f in absent:
+        try:
+            out[f.name] = padding_input(f, next(iter(batch), 0), sizes)
+        except ValueError as e:
+            raise ServingError(stage, f"missing and {e}", field=f.name) from None
+    return {n: out[n] for n in wanted}
 
 
 def pad_histories(histories: list, lead: int = 1) -> dict:
@@ -137,6 +165,25 @@ def pad_histories(histories: list, lead: int = 1) -> dict:
             query[i, start + j] = str(e.get("query") or "").encode("utf-8")
             label[i, start + j] = int(e.get("label", 1))
     return {"hist_item": item, "hist_query": query, "hist_label": label}
+
+
+def pad_attributes(attributes: list, width: int) -> np.ndarray:
+    """``[[attribute strings] or None, ...]`` (one list per target) -> ``target_attributes``
+    ``[B, width]`` (bytes), "" padding on the right.
+
+    As the preprocessing builds the item table: blank values are dropped and the first
+    ``width`` (the model's max_attributes) are kept; an empty list or None leaves the row
+    padding (the item table's attributes are used)."""
+    out = np.full((len(attributes), width), b"", dtype=object)
+    for i, values in enumerate(attributes):
+        if values is None:
+            continue
+        if isinstance(values, (str, bytes)) or not all(isinstance(v, (str, bytes)) for v in values):
+            raise TypeError(f"attributes must be a list of strings, got {values!r}")
+        kept = [v for v in values if _text(v).strip()]
+        for j, v in enumerate(kept[:width]):
+            out[i, j] = v if isinstance(v, bytes) else v.encode("utf-8")
+    return out
 
 
 # ------------------------------------------------------------------------------ transports
@@ -350,19 +397,24 @@ class CascadeClient:
                 raise ServingError(stage, f"the served model has no signature {name!r}")
             self._served_inputs[name] = sig_def.get("inputs", {})
         served = self._served_inputs[name]
-        for size, source in (("K", "kept_label"), ("Q", "target_query_tokens")):
+        for size, source in (
+            ("K", "kept_label"), ("Q", "target_query_tokens"), ("A", spec.TARGET_ATTRIBUTES.name)
+        ):  # fmt: skip
             if source in served and self._sizes.get(size) is None:
                 self._sizes[size] = _dim(served[source], 1)
         short_term = spec.SHORT_TERM.name in served
         known = {f.name for f in spec.serving_signature(name, short_term).inputs}
         extra = tuple(_feature_from_metadata(n, served[n]) for n in sorted(set(served) - known))
-        return spec.serving_signature(
+        sig = spec.serving_signature(
             name, short_term, extra if stage == spec.RETRIEVAL_MODEL else ()
         )
+        # An export older than an optional input does not take it: leave it out.
+        inputs = tuple(f for f in sig.inputs if f.name in served or not f.optional)
+        return dataclasses.replace(sig, inputs=inputs)
 
     def _predict(self, stage: str, features: dict, name: str | None = None) -> dict:
         sig = self._signature(stage, name)
-        sizes = {k: v for k, v in self._sizes.items() if v}
+        sizes = {k: v for k, v in self._sizes.items() if v is not None}
         inputs = check_inputs(sig, features, sizes)
         model = self.models[stage]
         return self._call(
@@ -410,13 +462,36 @@ class CascadeClient:
         inputs.update({n: v for n, v in retrieved.items() if n in names})
         return retrieved, self.rank(inputs)
 
+    def _target_attributes(self, candidates: list) -> np.ndarray | None:
+        """``target_attributes`` ``[B, A]`` of ``candidates`` (their ``"attributes"``
+        lists), or None when none has any (the request then sends padding)."""
+        attributes = [c.get("attributes") for c in candidates]
+        if not any(attributes):
+            return None
+        field = spec.TARGET_ATTRIBUTES.name
+        self._signature(spec.RETRIEVAL_MODEL)  # reads A from the served model
+        width = self._sizes.get("A")
+        if width is None:
+            raise ServingError(
+                spec.RETRIEVAL_MODEL, "the served model takes no attributes (export it again)",
+                field=field,
+            )  # fmt: skip
+        try:
+            return pad_attributes(attributes, width)
+        except TypeError as e:
+            raise ServingError(spec.RETRIEVAL_MODEL, str(e), field=field) from None
+
     def rank_candidates(self, history: list, candidates: list) -> list:
-        """Scores ``candidates`` (``[{"item_id", "query"?}]``) for one user's ``history``
-        (``[{"item_id", "query"?, "label"?}]``, oldest first) through the cascade (raw
-        signatures; a ``"pq"`` model's history codes come from its ``pq_codes`` signature,
-        where a deployment would read them stored); returns the candidates sorted by decreasing probability, each with
-        ``probability`` and ``kept`` (the behaviours the first stage kept for it:
-        ``position``, ``item_id``, ``query``, ``score``)."""
+        """Scores ``candidates`` (``[{"item_id", "query"?, "attributes"?}]``) for one
+        user's ``history`` (``[{"item_id", "query"?, "label"?}]``, oldest first) through the
+        cascade (raw signatures; a ``"pq"`` model's history codes come from its ``pq_codes``
+        signature, where a deployment would read them stored); returns the candidates sorted
+        by decreasing probability, each with ``probability`` and ``kept`` (the behaviours the
+        first stage kept for it: ``position``, ``item_id``, ``query``, ``score``).
+
+        A candidate's ``attributes`` (attribute strings, e.g. of an item the model has never
+        seen) replace the attributes the model's item table has for its ``item_id``; without
+        them (or with an empty list) the table's are used. See :func:`pad_attributes`."""
         if self.encoded:
             raise ValueError("rank_candidates uses the raw signatures; create the client "
                              "with encoded=False")  # fmt: skip
@@ -429,6 +504,9 @@ class CascadeClient:
         features = {n: np.repeat(v, b, axis=0) for n, v in hist.items()}
         features["target_item"] = [str(c["item_id"]) for c in candidates]
         features["target_query"] = [str(c.get("query") or "") for c in candidates]
+        attributes = self._target_attributes(candidates)
+        if attributes is not None:
+            features[spec.TARGET_ATTRIBUTES.name] = attributes
         retrieved, probability = self.cascade(features)
         lead = hist["hist_item"].shape[1] - len(history)
         ranked = []

@@ -42,15 +42,24 @@ def _call(loaded, signature, inputs):
     return {k: v.numpy() for k, v in out.items()}
 
 
+def _no_attributes(tiny, n, raw=False):
+    """``target_attributes`` of ``n`` targets without attributes: all padding, what a caller
+    that has none sends."""
+    width = spec.DataSpec.load(tiny["data"]).max_attributes
+    return np.full((n, width), b"", object) if raw else np.zeros((n, width), np.int64)
+
+
 def _dataset_batch(tiny, n=32):
     from seminar_tf.data.dataset import make_dataset
 
     features, _ = next(iter(make_dataset(tiny["data"], "test", n)))
-    return {k: v.numpy() for k, v in features.items()}
+    features = {k: v.numpy() for k, v in features.items()}
+    features["target_attributes"] = _no_attributes(tiny, len(features["target_item"]))
+    return features
 
 
 def _ranking_inputs(features, kept):
-    out = {f.name: features[f.name] for f in spec.TARGET_FEATURES}
+    out = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES}
     out.update({f.name: kept[f.name] for f in spec.KEPT_FEATURES})
     return out
 
@@ -58,7 +67,7 @@ def _ranking_inputs(features, kept):
 def _python_encoder(data_dir):
     """The preprocessing's own (Python) encoding of raw strings, as in preprocessing/."""
     tables = {}
-    for kind in ("item", "query", "query_token"):
+    for kind in ("item", "query", "query_token", "attribute"):
         path = os.path.join(data_dir, spec.VOCAB_DIR, spec.VOCAB_FILES[kind])
         with open(path, encoding="utf-8") as f:
             tables[kind] = lookup_table([line.rstrip("\n") for line in f])
@@ -66,6 +75,9 @@ def _python_encoder(data_dir):
 
     def item(v):
         return tables["item"].get(v.strip(), spec.OOV_ID) if v.strip() else 0
+
+    def attribute(v):
+        return tables["attribute"].get(v.strip(), spec.OOV_ID) if v.strip() else 0
 
     def query(v):
         if not v.strip():
@@ -91,6 +103,10 @@ def _python_encoder(data_dir):
             out[f"{prefix}_query_tokens"] = np.array([p[1] for p in pairs], np.int64).reshape(
                 queries.shape + (q,)
             )
+        if "target_attributes" in raw:
+            dec = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])
+            values = dec(np.asarray(raw["target_attributes"], dtype=object))
+            out["target_attributes"] = np.vectorize(attribute, otypes=[np.int64])(values)
         for name in ("hist_label", "kept_label", "kept_score"):
             if name in raw:
                 out[name] = raw[name]
@@ -122,6 +138,7 @@ def _raw_requests(tiny, n_users=6, length=15):
     features = pad_histories(histories)
     features["target_item"] = np.array([t["item_id"].encode() for t in targets], dtype=object)
     features["target_query"] = np.array([t["query"].encode() for t in targets], dtype=object)
+    features["target_attributes"] = _no_attributes(tiny, len(targets), raw=True)
     return features
 
 
@@ -242,6 +259,7 @@ def test_raw_signatures_equal_the_python_encoding(tiny, model, loaded):
     )
     ranking = {
         "target_item": raw["target_item"], "target_query": raw["target_query"],
+        "target_attributes": raw["target_attributes"],
         **{f.name: retrieved[f.name] for f in spec.SERVING_SIGNATURES["rank"].inputs
            if f.name.startswith("kept_")},
     }  # fmt: skip
@@ -451,6 +469,7 @@ def test_empty_history_and_unknown_ids_give_defined_results(tiny, loaded, model)
     assert (out["kept_position"][1] == -1).all() and not out["kept_item"][1].any()
     names = {f.name for f in spec.SERVING_SIGNATURES["rank"].inputs}
     ranking = {"target_item": raw["target_item"], "target_query": raw["target_query"],
+               "target_attributes": raw["target_attributes"],
                **{k: v for k, v in out.items() if k in names}}  # fmt: skip
     probability = _call(loaded, "rank", ranking)["probability"]
     assert np.all(np.isfinite(probability)) and probability.shape == (3,)

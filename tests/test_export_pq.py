@@ -41,11 +41,19 @@ def _call(loaded, model, signature, inputs):
     return {k: v.numpy() for k, v in out.items()}
 
 
+def _no_attributes(tiny, n, raw=False):
+    """``target_attributes`` of ``n`` targets without attributes (all padding)."""
+    width = spec.DataSpec.load(tiny["data"]).max_attributes
+    return np.full((n, width), b"", object) if raw else np.zeros((n, width), np.int64)
+
+
 def _batch(tiny, n=16):
     from seminar_tf.data.dataset import make_dataset
 
     features, _ = next(iter(make_dataset(tiny["data"], "test", n)))
-    return {k: v.numpy() for k, v in features.items()}
+    features = {k: v.numpy() for k, v in features.items()}
+    features["target_attributes"] = _no_attributes(tiny, n)
+    return features
 
 
 def _history_inputs(features, names):
@@ -91,7 +99,7 @@ def test_codes_and_cascade_equal_the_keras_model(tiny, pq_model, loaded):
     codes = _call(loaded, "retrieval", "pq_codes_encoded",
                   _history_inputs(features, _code_inputs(True)))[CODES]  # fmt: skip
     np.testing.assert_array_equal(codes, np.asarray(pq_model.pq_codes(features)))
-    hist = {f.name: features[f.name] for f in spec.TARGET_FEATURES + spec.HISTORY_FEATURES}
+    hist = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES}
     out = _call(loaded, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
     want = pq_model.retrieve(features)
     kept = np.asarray(want["kept_mask"])
@@ -122,11 +130,13 @@ def test_raw_codes_equal_encoded_codes(tiny, loaded):
     # keeps what the encoded one keeps.
     raw_out = _call(loaded, "retrieval", "retrieve", {
         **raw, CODES: raw_codes, "target_item": np.array([items[4].encode()], object),
-        "target_query": np.array([b""], object)})  # fmt: skip
+        "target_query": np.array([b""], object),
+        "target_attributes": _no_attributes(tiny, 1, raw=True)})  # fmt: skip
     enc_out = _call(loaded, "retrieval", "retrieve_encoded", {
         **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
         "target_item": np.array([items.index(items[4]) + 2]), "target_query": np.array([0]),
-        "target_query_tokens": np.zeros((1, q), np.int64)})  # fmt: skip
+        "target_query_tokens": np.zeros((1, q), np.int64),
+        "target_attributes": _no_attributes(tiny, 1)})  # fmt: skip
     for name in ("kept_position", "kept_score", "kept_label"):
         np.testing.assert_allclose(raw_out[name], enc_out[name], rtol=1e-5, atol=1e-6)
     kept = raw_out["kept_position"][0]
@@ -150,7 +160,7 @@ def test_invalid_codes_are_rejected_naming_the_field(tiny, loaded, change, match
     codes = _call(loaded, "retrieval", "pq_codes_encoded",
                   _history_inputs(features, _code_inputs(True)))[CODES]  # fmt: skip
     change(codes)
-    hist = {f.name: features[f.name] for f in spec.TARGET_FEATURES + spec.HISTORY_FEATURES}
+    hist = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES}
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"{CODES}: .*{match}"):
         _call(loaded, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError)):
@@ -186,6 +196,7 @@ def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
     features = {k: np.repeat(v, 3, 0) for k, v in {**hist, CODES: codes}.items()}
     features["target_item"] = np.array([c["item_id"].encode() for c in candidates], object)
     features["target_query"] = np.array([b""] * 3, object)
+    features["target_attributes"] = _no_attributes(tiny, 3, raw=True)
     out = _call(loaded, "retrieval", "retrieve", features)
     names = {f.name for f in spec.SERVING_SIGNATURES["rank"].inputs}
     ranking = {k: v for k, v in {**features, **out}.items() if k in names}

@@ -21,7 +21,8 @@ SMALL = {"embedding_dim": 8, "num_heads": 2, "hidden_units": [16], "dropout": 0.
 def _cascade(model, features):
     retrieved = model.retrieve(features)
     kept = model.gather_kept(features, retrieved)
-    ranking = {**{f.name: features[f.name] for f in spec.TARGET_FEATURES}, **kept}
+    targets = [f for f in spec.SERVING_TARGET_FEATURES if f.name in features]
+    ranking = {**{f.name: features[f.name] for f in targets}, **kept}
     if "short_term" in retrieved:
         ranking["short_term"] = retrieved["short_term"]
     return retrieved, kept, model.rank(ranking)
@@ -94,3 +95,36 @@ def test_serving_model_precomputes_constants_and_predicts_the_same(config):
     )
     # The trained model is left as it was.
     assert model.pair_embedding.text_dim == SPEC.text_dim
+
+
+def _given_attributes(n, seed=0):
+    """``target_attributes`` ``[n, A]``: 1..A attribute ids on the odd rows, none (padding)
+    on the even ones."""
+    rng = np.random.default_rng(seed)
+    given = rng.integers(spec.OOV_ID, SPEC.num_attributes, size=(n, SPEC.max_attributes))
+    count = rng.integers(1, SPEC.max_attributes + 1, size=(n, 1))
+    given = np.where(np.arange(SPEC.max_attributes)[None, :] < count, given, 0)
+    given[::2] = 0
+    return given.astype(np.int64)
+
+
+@pytest.mark.parametrize("config", [{"search": "exact"}, {"search": "soft", "short_term_len": 2}])
+def test_target_attributes_reach_every_stage_and_the_serving_copy(config):
+    model = build_model(SPEC, {**SMALL, **config}, TABLES)
+    if getattr(model, "gsu_bias_weight", None) is not None:
+        model.gsu_bias_weight.assign(0.7)
+    features = testing.make_features(SPEC, 16, seed=6, padding="mixed")
+    without = ops.convert_to_numpy(model(features))
+    given = dict(features, target_attributes=_given_attributes(16))
+    expected = ops.convert_to_numpy(model(given))
+    # Padding rows keep the table's attributes; given ones replace them.
+    np.testing.assert_allclose(expected[::2], without[::2], rtol=1e-6, atol=1e-7)
+    assert (np.abs(expected[1::2] - without[1::2]) > 1e-7).all()
+    copy = model.serving_model()
+    emb = copy.pair_embedding
+    assert emb.attribute_vocabulary_size == SPEC.num_attributes
+    assert emb.attribute_input_size == SPEC.max_attributes
+    for m in (model, copy):
+        _, _, got = _cascade(m, given)
+        np.testing.assert_allclose(ops.convert_to_numpy(got), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(copy(given)), expected, rtol=1e-5, atol=1e-6)

@@ -173,6 +173,39 @@ def test_padding_changes_nothing():
     np.testing.assert_allclose(np_(layer(ids, qids, tokens)), base, atol=1e-6)
 
 
+def test_given_attribute_ids_replace_the_table_row_where_any_is_set():
+    layer = make_layer()
+    tables = layer.get_tables()
+    attr_emb = np_(layer.attribute_embeddings)
+    a = FULL.max_attributes
+    # Items 1 (OOV: an empty table row) and 2..6 (rows with attributes).
+    ids = np.array([1, 1, 2, 3, 4, 5, 6])
+    given = np.zeros((len(ids), a), np.int64)
+    given[1, :2] = [4, 7]  # an unknown item with attributes
+    given[3, 1] = 5  # a padding slot first: still given
+    given[5] = tables["item_attributes"][5]  # the table's own attributes
+    given[6, 0] = 1  # the OOV attribute counts as given
+    vectors, masks = layer.encode(ids, attribute_ids=given)
+    table_vectors, table_masks = layer.encode(ids)
+    rows = np.where((given != 0).any(-1)[:, None], given, tables["item_attributes"][ids])
+    valid = rows != 0
+    ref = (attr_emb[rows] * valid[..., None]).sum(-2) / np.maximum(valid.sum(-1, keepdims=True), 1)
+    np.testing.assert_array_equal(np_(masks["attr"]), valid.any(-1))
+    np.testing.assert_allclose(np_(vectors["attr"]), ref * valid.any(-1)[:, None], atol=1e-6)
+    assert np_(masks["attr"])[1] and not np_(table_masks["attr"])[1]
+    # Rows of padding only, and the table's own attributes, give the table's vectors.
+    for row in (0, 2, 4, 5):
+        np.testing.assert_allclose(
+            np_(vectors["attr"])[row], np_(table_vectors["attr"])[row], atol=1e-7
+        )
+    assert not np.allclose(np_(vectors["attr"])[3], np_(table_vectors["attr"])[3])
+    # The fused pair follows: equal where nothing replaced the table's attributes.
+    pair = np_(layer(ids, attribute_ids=given))
+    np.testing.assert_allclose(pair[[0, 2, 4, 5]], np_(layer(ids))[[0, 2, 4, 5]], atol=1e-7)
+    # A padded item stays zero whatever attributes come with it.
+    assert not np_(layer(np.array([0]), attribute_ids=given[1:2])).any()
+
+
 def test_tables_validation_and_values():
     layer = MultiModalPairEmbedding(**data_kwargs(FULL), embedding_dim=D)
     tables = testing.make_tables(FULL, seed=3)

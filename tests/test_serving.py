@@ -16,7 +16,12 @@ import tensorflow as tf  # noqa: E402
 from export import writer  # noqa: E402
 from seminar_tf import spec  # noqa: E402
 from serving import local_server  # noqa: E402
-from serving.client import CascadeClient, ServingError, pad_histories  # noqa: E402
+from serving.client import (  # noqa: E402
+    CascadeClient,
+    ServingError,
+    pad_attributes,
+    pad_histories,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +57,16 @@ def _candidates(vocab):
 
 
 def _reference(tiny, history, candidates):
-    """The same cascade through the SavedModels in process (tf.saved_model.load)."""
+    """The same cascade through the SavedModels in process (tf.saved_model.load); the
+    candidates' ``attributes`` (if any) as ``target_attributes``."""
     loaded = {
         m: tf.saved_model.load(writer.version_dir(tiny["export"], m)) for m in spec.SERVING_MODELS
     }
     features = {k: np.repeat(v, len(candidates), 0) for k, v in pad_histories([history]).items()}
     features["target_item"] = np.array([c["item_id"].encode() for c in candidates], object)
     features["target_query"] = np.array([c.get("query", "").encode() for c in candidates], object)
+    width = spec.DataSpec.load(tiny["data"]).max_attributes
+    features["target_attributes"] = pad_attributes([c.get("attributes") for c in candidates], width)
     retrieve = loaded["retrieval"].signatures["serving_default"]
     out = {
         k: v.numpy()
@@ -143,10 +151,13 @@ def _raw_request(model, signature, inputs):
     return request
 
 
-def test_server_is_dtype_and_rank_strict_like_tf_serving(server, vocab):
+def test_server_is_dtype_and_rank_strict_like_tf_serving(tiny, server, vocab):
     good = pad_histories([_history(vocab, 3)])
     good["target_item"] = np.array([vocab["item"][0].encode()], object)
     good["target_query"] = np.array([b""], object)
+    good["target_attributes"] = pad_attributes(
+        [None], spec.DataSpec.load(tiny["data"]).max_attributes
+    )
     stub = _stub(server)
     response = stub.Predict(_raw_request("retrieval", "", good), timeout=10)
     assert response.model_spec.signature_name == "serving_default"
@@ -155,6 +166,14 @@ def test_server_is_dtype_and_rank_strict_like_tf_serving(server, vocab):
         ({**good, "hist_label": good["hist_label"].astype(np.int32)}, "expects int64 but int32"),
         ({**good, "hist_item": good["hist_item"][0]}, "expects shape"),
         ({k: v for k, v in good.items() if k != "hist_query"}, "missing ['hist_query']"),
+        (
+            {**good, "target_attributes": np.zeros(good["target_attributes"].shape, np.int64)},
+            "input 'target_attributes' expects string but int64",
+        ),
+        (
+            {**good, "target_attributes": good["target_attributes"][:, :2]},
+            "input 'target_attributes' expects shape",
+        ),
         ({**good, "user": np.array([b"u"], object)}, "unexpected ['user']"),
     ]
     for inputs, message in cases:
@@ -214,6 +233,65 @@ def test_client_errors_name_stage_and_field(server, vocab):
     with pytest.raises(ServingError) as e:
         wrong.rank_candidates(_history(vocab, 2), _candidates(vocab))
     assert e.value.stage == "ranking" and e.value.code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_candidates_with_attributes_over_the_wire(tiny, server, vocab, protocol):
+    target = server.grpc_target if protocol == "grpc" else server.rest_url
+    attributes = [line.rstrip("\n") for line in open(
+        os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["attribute"]))]  # fmt: skip
+    history = _history(vocab)
+    candidates = [
+        {"item_id": "new-item-a"},  # unknown, no attributes: the OOV item alone
+        {"item_id": "new-item-b", "attributes": [attributes[0], " " + attributes[4]]},
+        {"item_id": "new-item-c", "attributes": [attributes[0], "never-seen-attribute"]},
+        {"item_id": "new-item-d", "attributes": []},  # empty: as none
+        {"item_id": vocab["item"][5], "attributes": ["", "   "]},  # blank: as none
+        {"item_id": vocab["item"][6]},
+    ]
+    with CascadeClient(target, protocol=protocol) as client:
+        ranked = client.rank_candidates(history, candidates)
+    _, probability = _reference(tiny, history, candidates)
+    by_item = {r["item_id"]: r for r in ranked}
+    for i, c in enumerate(candidates):
+        got = by_item[c["item_id"]]
+        assert got["probability"] == pytest.approx(float(probability[i]), rel=1e-5, abs=1e-6)
+        assert got.get("attributes") == c.get("attributes")
+    p = {c["item_id"]: by_item[c["item_id"]]["probability"] for c in candidates}
+    assert abs(p["new-item-b"] - p["new-item-a"]) > 1e-6  # attributes count for a new item
+    assert abs(p["new-item-c"] - p["new-item-b"]) > 1e-6  # an unknown attribute is OOV, not ""
+    assert p["new-item-d"] == pytest.approx(p["new-item-a"], rel=1e-6)
+
+
+def test_client_pads_or_refuses_target_attributes(tiny, server, vocab):
+    from serving.client import check_inputs
+
+    width = spec.DataSpec.load(tiny["data"]).max_attributes
+    sig = spec.SERVING_SIGNATURES["rank"]
+    features = {"target_item": ["x", "y"], "target_query": ["", ""], "kept_item": [[""] * 8] * 2,
+                "kept_query": [[""] * 8] * 2, "kept_label": [[0] * 8] * 2,
+                "kept_score": [[0.0] * 8] * 2}  # fmt: skip
+    filled = check_inputs(sig, features, {"K": 8, "A": width})
+    assert filled["target_attributes"].shape == (2, width)
+    assert filled["target_attributes"].dtype == object and not filled["target_attributes"].any()
+    with pytest.raises(ServingError, match="field 'target_attributes'.*missing"):
+        check_inputs(sig, features, {"K": 8})  # A unknown: cannot pad
+    with pytest.raises(ServingError, match="field 'target_attributes'.*shape"):
+        check_inputs(sig, {**features, "target_attributes": [[""] * (width + 1)] * 2},
+                     {"K": 8, "A": width})  # fmt: skip
+    with CascadeClient(server.grpc_target) as client:
+        with pytest.raises(ServingError) as e:
+            client.rank_candidates(_history(vocab), [{"item_id": "x", "attributes": "red"}])
+        assert e.value.field == "target_attributes" and "list of strings" in str(e.value)
+    with CascadeClient(server.grpc_target, encoded=True) as client:
+        encoded = {"target_item": [2], "target_query": [0], "target_query_tokens": [[0] * 5],
+                   "target_attributes": [[3, -1] + [0] * (width - 2)], "hist_item": [[0, 4]],
+                   "hist_query": [[0, 0]], "hist_query_tokens": [[[0] * 5] * 2],
+                   "hist_label": [[0, 1]]}  # fmt: skip
+        with pytest.raises(ServingError) as e:
+            client.retrieve(encoded)
+        assert e.value.field == "target_attributes" and "negative id" in str(e.value)
+        assert e.value.code == "INVALID_ARGUMENT"
 
 
 class _Flaky:

@@ -53,7 +53,8 @@ class MultiModalPairEmbedding(keras.layers.Layer):
 
     - ``"id"``: a learned item id embedding;
     - ``"attr"``: the masked mean of learned attribute embeddings, the attribute ids of an
-      item read from the ``item_attributes`` table;
+      item read from the ``item_attributes`` table, or given with the item (``attribute_ids``
+      of :meth:`encode`: a serving request's attributes of a target, e.g. a brand-new item);
     - ``"text"`` / ``"image"``: the item's precomputed text / image vector (from the tables)
       through a learned linear projection to ``embedding_dim``;
     - ``"query"``: the masked mean of learned query token embeddings, averaged with the
@@ -92,6 +93,13 @@ class MultiModalPairEmbedding(keras.layers.Layer):
             ``rows x dim x d`` per call, the second ``lookups x dim x d``, so it wins for the
             catalogs of a few hundred thousand items that a batch of long histories touches
             many times over. None (default) picks it for tables of <= 262,144 rows.
+        request_num_attributes, request_max_attributes: for serving copies whose
+            ``attribute_embeddings`` hold precomputed per-item vectors
+            (``SeminarCTR.serving_model``): the vocabulary size and the per-item count ``A``
+            of the attribute ids a request gives (:meth:`encode`'s ``attribute_ids``), whose
+            learned embeddings are then a second, non-trainable table
+            ``request_attribute_embeddings``. 0 (default): the table's own
+            (``num_attributes``, ``max_attributes``, ``attribute_embeddings``).
         **kwargs: other ``keras.layers.Layer`` arguments (``name``, ``dtype``, ...).
 
     Example:
@@ -122,6 +130,8 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         embeddings_regularizer=None,
         tables: dict | None = None,
         project_tables_first: bool | None = None,
+        request_num_attributes: int = 0,
+        request_max_attributes: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -139,6 +149,12 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         self.text_dim = _check_int("text_dim", text_dim, 0)
         self.image_dim = _check_int("image_dim", image_dim, 0)
         self.query_text_dim = _check_int("query_text_dim", query_text_dim, 0)
+        self.request_num_attributes = _check_int(
+            "request_num_attributes", request_num_attributes, 0
+        )
+        self.request_max_attributes = _check_int(
+            "request_max_attributes", request_max_attributes, 0
+        )
         if self.query_text_dim and not self.num_queries:
             raise ValueError("`num_queries` must be > 0 when `query_text_dim` > 0.")
         if not 0.0 <= float(query_weight) <= 1.0:
@@ -178,6 +194,18 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         )
 
     # ------------------------------------------------------------------------------ state
+    @property
+    def attribute_vocabulary_size(self) -> int:
+        """Ids of the attribute vocabulary that :meth:`encode`'s ``attribute_ids`` index
+        (reserved ids included)."""
+        return self.request_num_attributes or self.num_attributes
+
+    @property
+    def attribute_input_size(self) -> int:
+        """``A``: the attribute ids a request gives per item (the training data's
+        ``max_attributes``)."""
+        return self.request_max_attributes or self.max_attributes
+
     def table_shape(self, name: str) -> tuple:
         """Shape of table ``name`` in this layer (from the config)."""
         _, rows, cols, _ = _TABLE_LAYOUT[name]
@@ -200,6 +228,13 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         self.item_embeddings = embedding("item_embeddings", self.num_items)
         if self.use_attributes:
             self.attribute_embeddings = embedding("attribute_embeddings", self.num_attributes)
+            if self.request_num_attributes:
+                self.request_attribute_embeddings = self.add_weight(
+                    name="request_attribute_embeddings",
+                    shape=(self.request_num_attributes, d),
+                    initializer="zeros",
+                    trainable=False,
+                )
         if self.use_query_tokens:
             self.query_token_embeddings = embedding("query_token_embeddings", self.num_query_tokens)
         if self.text_projection is not None:
@@ -293,13 +328,49 @@ class MultiModalPairEmbedding(keras.layers.Layer):
             return self._take(projection(table), ids)
         return projection(self._take(table, ids))
 
-    def encode(self, item_ids, query_ids=None, query_tokens=None):
+    def request_attribute_table(self):
+        """The learned attribute embeddings ``[attribute_vocabulary_size, d]`` that
+        request-given attribute ids index (``attribute_embeddings`` unless this is a serving
+        copy whose ``attribute_embeddings`` hold per-item vectors)."""
+        if self.request_num_attributes:
+            return self.request_attribute_embeddings
+        return self.attribute_embeddings
+
+    def attribute_vectors(self, item_ids, attribute_ids=None):
+        """The ``"attr"`` modality: ``(vectors [..., d], present bool [...])``.
+
+        An item's vector is the masked mean of the embeddings of its attribute ids: those of
+        its ``item_attributes`` row, or, where ``attribute_ids`` (int ``[..., A]``, 0 =
+        padding) holds any non-zero id for it, those given ids instead. ``present``: the
+        used ids are not all padding (it does not look at ``item_ids`` being padding).
+        """
+        ids = ops.cast(item_ids, "int32")
+        table_ids = self._take(self._tables["item_attributes"], ids)
+        table_mask = ops.not_equal(table_ids, 0)
+        vectors = _ops.masked_mean(self._take(self.attribute_embeddings, table_ids), table_mask, -1)
+        present = ops.any(table_mask, axis=-1)
+        if attribute_ids is None:
+            return vectors, present
+        given_ids = ops.cast(attribute_ids, "int32")
+        given_mask = ops.not_equal(given_ids, 0)
+        given = ops.any(given_mask, axis=-1)
+        given_vectors = _ops.masked_mean(
+            self._take(self.request_attribute_table(), given_ids), given_mask, -1
+        )
+        vectors = ops.where(ops.expand_dims(given, -1), given_vectors, vectors)
+        return vectors, ops.logical_or(given, present)
+
+    def encode(self, item_ids, query_ids=None, query_tokens=None, attribute_ids=None):
         """Per-modality vectors and presence masks.
 
         Args:
             item_ids: int ``[...]`` item ids, 0 = padding.
             query_ids: optional int ``[...]`` query ids, 0 = no query.
             query_tokens: optional int ``[..., Q]`` query token ids, 0 = padding.
+            attribute_ids: optional int ``[..., A]`` attribute ids given with the items (0 =
+                padding): where a row holds any non-zero id, its ids replace the item's
+                ``item_attributes`` row (see :meth:`attribute_vectors`); all-padding rows,
+                or None, keep the table's.
 
         Returns:
             ``(vectors, masks)``: ``vectors[m]`` is ``[..., d]`` (zeros where absent) and
@@ -319,10 +390,8 @@ class MultiModalPairEmbedding(keras.layers.Layer):
 
         put("id", ops.cast(self._take(self.item_embeddings, ids), dtype), item_mask)
         if self.use_attributes:
-            attr_ids = self._take(self._tables["item_attributes"], ids)
-            attr_mask = ops.not_equal(attr_ids, 0)
-            attr = _ops.masked_mean(self._take(self.attribute_embeddings, attr_ids), attr_mask, -1)
-            put("attr", attr, ops.logical_and(item_mask, ops.any(attr_mask, axis=-1)))
+            attr, attr_present = self.attribute_vectors(ids, attribute_ids)
+            put("attr", attr, ops.logical_and(item_mask, attr_present))
         if self.text_dim:
             present = ops.logical_and(item_mask, self._take(self._tables["item_has_text"], ids) > 0)
             text = self._project_take(self.text_projection, "item_text_vectors", ids)
@@ -445,11 +514,14 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         weights = self.fusion_weights(used, with_query=with_query, item_present=masks.get("id"))
         return self._weighted_sum(vectors, weights)
 
-    def call(self, item_ids, query_ids=None, query_tokens=None):
-        vectors, masks = self.encode(item_ids, query_ids, query_tokens)
+    def call(self, item_ids, query_ids=None, query_tokens=None, attribute_ids=None):
+        vectors, masks = self.encode(item_ids, query_ids, query_tokens, attribute_ids)
         return self.fuse(vectors, masks)
 
-    def compute_output_shape(self, item_ids_shape, query_ids_shape=None, query_tokens_shape=None):
+    def compute_output_shape(
+        self, item_ids_shape, query_ids_shape=None, query_tokens_shape=None,
+        attribute_ids_shape=None,
+    ):  # fmt: skip
         return tuple(item_ids_shape) + (self.embedding_dim,)
 
     def get_config(self):
@@ -467,6 +539,8 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                 "query_text_dim": self.query_text_dim,
                 "query_weight": self.query_weight,
                 "project_tables_first": self.project_tables_first,
+                "request_num_attributes": self.request_num_attributes,
+                "request_max_attributes": self.request_max_attributes,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
                 "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
             }

@@ -121,7 +121,10 @@ class SeminarCTR(keras.Model):
        last ``short_term_len`` behaviours when > 0), then a sigmoid.
 
     ``call`` returns the click probability, shape ``[B]`` (float32). Compile with
-    ``loss="binary_crossentropy"`` and labels ``[B]``.
+    ``loss="binary_crossentropy"`` and labels ``[B]``. ``call``, :meth:`retrieve` and
+    :meth:`rank` also take the serving input ``target_attributes`` ``[B, A]``
+    (``spec.TARGET_ATTRIBUTES``: rows with any non-zero id replace the table's attributes of
+    the target); training never feeds it.
 
     Args:
         num_items, num_attributes, num_query_tokens, num_queries, max_attributes, text_dim,
@@ -143,6 +146,8 @@ class SeminarCTR(keras.Model):
         freeze_pretrained: mark the layers that :meth:`restore_pretrained` fills
             (``pair_embedding`` and, for ``search="exact"``, the GSU scorer) non-trainable
             from construction on; ``G(j)``, the ESU and the MLP still train.
+        request_num_attributes, request_max_attributes: set by :meth:`serving_model` (see
+            ``MultiModalPairEmbedding``); 0 otherwise.
         tables: optional side tables (``spec.TABLE_ARRAYS``), not part of ``get_config``.
         **kwargs: ``keras.Model`` arguments.
 
@@ -181,6 +186,8 @@ class SeminarCTR(keras.Model):
         hidden_units: tuple | list = (256, 128),
         dropout: float = 0.5,
         freeze_pretrained: bool = False,
+        request_num_attributes: int = 0,
+        request_max_attributes: int = 0,
         tables: dict | None = None,
         **kwargs,
     ):
@@ -227,6 +234,8 @@ class SeminarCTR(keras.Model):
             query_text_dim=query_text_dim,
             query_weight=query_weight,
             tables=tables,
+            request_num_attributes=request_num_attributes,
+            request_max_attributes=request_max_attributes,
             name="pair_embedding",
         )
         d = self.embedding_dim = self.pair_embedding.embedding_dim
@@ -445,10 +454,14 @@ class SeminarCTR(keras.Model):
             )
 
     def _encode_target(self, inputs):
+        """``(vectors, masks, pair [B, d])`` of the target; a serving request's
+        ``target_attributes`` ``[B, A]`` (``spec.TARGET_ATTRIBUTES``), when given, replace the
+        table's attributes of the rows where any is non-zero (training never feeds it)."""
         emb = self.pair_embedding
         t_vec, t_mask = emb.encode(
-            inputs["target_item"], inputs["target_query"], inputs["target_query_tokens"]
-        )
+            inputs["target_item"], inputs["target_query"], inputs["target_query_tokens"],
+            attribute_ids=inputs.get(spec.TARGET_ATTRIBUTES.name),
+        )  # fmt: skip
         return t_vec, t_mask, emb.fuse(t_vec, t_mask)
 
     def _mlp_head(self, features, training=None):
@@ -462,7 +475,8 @@ class SeminarCTR(keras.Model):
 
         Args:
             inputs: ``spec.TARGET_FEATURES`` and ``spec.HISTORY_FEATURES`` (``hist_label`` is
-                not needed) with a batch dimension, history ``[B, L]`` of any ``L``.
+                not needed) with a batch dimension, history ``[B, L]`` of any ``L``;
+                optionally ``target_attributes`` ``[B, A]`` (see :meth:`_encode_target`).
             extra_key_parts: optional ``{name: tensor}`` passed to the scorer inside
                 ``key_parts`` (inputs a scorer declares in ``serving_features``). For the
                 ``"pq"`` scorer, the stored codes ``{"hist_pq_codes": [B, L, M, S]}`` (as
@@ -573,7 +587,7 @@ class SeminarCTR(keras.Model):
         Args:
             inputs: ``spec.TARGET_FEATURES`` and ``spec.KEPT_FEATURES`` ``[B, K...]`` (a kept
                 item id of 0 is an empty slot), plus ``short_term`` ``[B, d]`` when
-                ``short_term_len > 0``.
+                ``short_term_len > 0``; optionally ``target_attributes`` ``[B, A]``.
 
         Returns:
             The click probability ``[B]`` (float32), as ``call``.
@@ -613,8 +627,10 @@ class SeminarCTR(keras.Model):
         ``lookups x d x d`` per vector modality instead of projecting whole tables
         (``rows x dim x d``) or wide rows (``lookups x dim x d``). Each item's attribute
         vector (the mean of its attribute embeddings) is a constant too: the copy has one
-        "attribute" per item carrying it (``max_attributes=1``). Every other weight is
-        copied as is, so the outputs equal this model's up to float rounding.
+        "attribute" per item carrying it (``max_attributes=1``), and keeps the learned
+        attribute embeddings as ``request_attribute_embeddings`` for the attribute ids that
+        a request gives (``target_attributes``). Every other weight is copied as is, so the
+        outputs equal this model's up to float rounding, with or without request attributes.
         """
         self._require_cascade("serving_model")
         if not self.built:
@@ -645,8 +661,15 @@ class SeminarCTR(keras.Model):
             attribute_vectors = (vectors.sum(axis=1) / count).astype(np.float32)
             rows = np.arange(len(ids))
             tables["item_attributes"] = np.where(present.any(axis=1), rows, 0)[:, None]
-            config.update(num_attributes=len(ids), max_attributes=1)
-            skip.append("pair_embedding/attribute_embeddings")
+            # Attribute ids given by a request still need the learned embeddings.
+            request_table = ops.convert_to_numpy(emb.request_attribute_table())
+            config.update(
+                num_attributes=len(ids), max_attributes=1,
+                request_num_attributes=emb.attribute_vocabulary_size,
+                request_max_attributes=emb.attribute_input_size,
+            )  # fmt: skip
+            skip += ["pair_embedding/attribute_embeddings",
+                     "pair_embedding/request_attribute_embeddings"]  # fmt: skip
         skip += [f"pair_embedding/{name}" for name in emb.table_names]
         config["name"] = f"{self.name}_serving"
         copy = type(self).from_config(config)
@@ -655,6 +678,7 @@ class SeminarCTR(keras.Model):
         copy_layer_weights(self, copy, skip=tuple(skip), what="serving model")
         if attribute_vectors is not None:
             copy.pair_embedding.attribute_embeddings.assign(attribute_vectors)
+            copy.pair_embedding.request_attribute_embeddings.assign(request_table)
         for layer_name in identities:
             kernel, bias = getattr(copy.pair_embedding, layer_name).weights
             kernel.assign(np.eye(d, dtype="float32"))
@@ -690,6 +714,8 @@ class SeminarCTR(keras.Model):
                 "hidden_units": list(self.hidden_units),
                 "dropout": self.dropout,
                 "freeze_pretrained": self.freeze_pretrained,
+                "request_num_attributes": emb.request_num_attributes,
+                "request_max_attributes": emb.request_max_attributes,
             }
         )
         return config
