@@ -67,15 +67,22 @@ class _Cascade:
         # computed from the history by its pq_codes signature.
         self.codes = retrieval["pq_codes_encoded"] if "pq_codes_encoded" in retrieval else None
         self.code_inputs = list(self.codes.structured_input_signature[1]) if self.codes else []
-        self.inputs = [
-            n for n in self.retrieve.structured_input_signature[1] if n != spec.PQ_CODES.name
-        ]
+        signature = self.retrieve.structured_input_signature[1]
+        # Encoded examples carry no target attributes: padding keeps the item table's.
+        self.attributes = signature.get(spec.TARGET_ATTRIBUTES.name)
+        skip = (spec.PQ_CODES.name, spec.TARGET_ATTRIBUTES.name)
+        self.inputs = [n for n in signature if n not in skip]
         self.rank_inputs = list(self.rank.structured_input_signature[1])
 
     def __call__(self, batch: dict) -> np.ndarray:
         import tensorflow as tf
 
         features = {n: tf.constant(v) for n, v in batch.items()}
+        if self.attributes is not None:
+            size = len(batch["target_item"])
+            features[spec.TARGET_ATTRIBUTES.name] = tf.zeros(
+                [size, self.attributes.shape[1]], tf.int64
+            )
         if self.codes is not None:
             codes = self.codes(**{n: features[n] for n in self.code_inputs})
             features[spec.PQ_CODES.name] = codes[spec.PQ_CODES.name]
