@@ -9,8 +9,11 @@ outputs. Weights are random: latency does not depend on training.
 
 Grid: batch 1 and 64; L (real behaviours per history) 100, 2,000 and 10,000; the raw
 signatures (string ids and query text, looked up and tokenised in the graph) and the encoded
-ones (int64 ids); scorer ``exact``. Scorer ``pq`` is listed but not measured: it does not exist
-yet. Latency is per cascade call (a batch); throughput is examples per second at that batch.
+ones (int64 ids); scorers ``exact`` and ``pq`` (the same model with its first stage
+product-quantized: 16 sub-vectors x 512 centroids per modality, codebooks by k-means on the
+model's own vectors; the request carries the history's stored codes ``hist_pq_codes``,
+computed beforehand by the export's ``pq_codes`` signature, as an event store would keep them).
+Latency is per cascade call (a batch); throughput is examples per second at that batch.
 
 Usage: python benchmarks/serving.py [--quick] [--out benchmarks/results]
 """
@@ -48,6 +51,7 @@ SIZES = {
 }
 MODEL = {"embedding_dim": 64, "num_heads": 4, "top_k": 50, "hidden_units": [256, 128],
          "search": "exact"}  # fmt: skip
+PQ = {"num_subvectors": 16, "num_centroids": 512}
 MAX_LEN = 10_000
 
 
@@ -110,8 +114,10 @@ def make_request(vocab: dict, batch: int, length: int, encoded: bool, seed: int 
     t_query = rng.integers(0, len(queries), size=batch)
     t_has = rng.random(batch) < 0.5
     label = np.where(pad, 0, rng.integers(0, 2, size=(batch, width))).astype(np.int64)
+    a = SIZES["max_attributes"]
     if not encoded:
         return {
+            spec.TARGET_ATTRIBUTES.name: np.full((batch, a), "", object),  # table's attributes
             "target_item": items[t_item].astype(object),
             "target_query": np.where(t_has, queries[t_query], "").astype(object),
             "hist_item": np.where(pad, "", items[item_idx]).astype(object),
@@ -125,6 +131,7 @@ def make_request(vocab: dict, batch: int, length: int, encoded: bool, seed: int 
     hist_query = np.where(pad | ~has_query, 0, query_idx + n).astype(np.int64)
     t_q = np.where(t_has, t_query + n, 0).astype(np.int64)
     return {
+        spec.TARGET_ATTRIBUTES.name: np.zeros((batch, a), np.int64),
         "target_item": (t_item + n).astype(np.int64),
         "target_query": t_q,
         "target_query_tokens": np.where(t_q[:, None] > 0, tok[:, 0], 0).astype(np.int64),
@@ -133,6 +140,26 @@ def make_request(vocab: dict, batch: int, length: int, encoded: bool, seed: int 
         "hist_query_tokens": np.where(hist_query[..., None] > 0, tok, 0).astype(np.int64),
         "hist_label": label,
     }
+
+
+def add_codes(loaded: dict, request: dict, encoded: bool) -> dict:
+    """``request`` plus its history's stored codes, from the export's ``pq_codes`` signature."""
+    import tensorflow as tf
+
+    sig = "pq_codes_encoded" if encoded else "pq_codes"
+    fn = loaded["retrieval"].signatures[sig]
+    names = list(fn.structured_input_signature[1])
+    codes = fn(**{n: tf.constant(request[n]) for n in names})[spec.PQ_CODES.name].numpy()
+    return {**request, spec.PQ_CODES.name: codes}
+
+
+def pq_model(model, vocab: dict, seed: int = 0):
+    """``model`` with a product-quantized first stage, codebooks fitted on random histories."""
+    from seminar_tf.quantization import quantize_model
+
+    sample = [make_request(vocab, 64, 200, encoded=True, seed=seed + i) for i in range(4)]
+    copy, _ = quantize_model(model, sample, PQ["num_subvectors"], PQ["num_centroids"])
+    return copy
 
 
 def time_cascade(loaded: dict, request: dict, encoded: bool, min_seconds: float, max_iters: int):
@@ -171,6 +198,13 @@ def time_cascade(loaded: dict, request: dict, encoded: bool, min_seconds: float,
     }
 
 
+def _nbytes(value) -> int:
+    value = np.asarray(value)
+    if value.dtype == object:
+        return int(sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in value.reshape(-1)))
+    return int(value.nbytes)
+
+
 def machine() -> dict:
     import keras
     import tensorflow as tf
@@ -202,16 +236,19 @@ def plot(results: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lines = (("exact", "raw", "-o", "tab:blue"), ("exact", "encoded", "--s", "tab:green"),
+             ("pq", "raw", "-^", "tab:orange"), ("pq", "encoded", "--v", "tab:red"))  # fmt: skip
     for ax, batch in zip(axes, sorted({r["batch"] for r in results})):
-        for inputs, style, color in (("raw", "-o", "tab:blue"), ("encoded", "--s", "tab:green")):
-            rows = sorted((r for r in results if r["batch"] == batch and r["inputs"] == inputs),
-                          key=lambda r: r["L"])  # fmt: skip
+        for scorer, inputs, style, color in lines:
+            rows = sorted((r for r in results if r["batch"] == batch and r["inputs"] == inputs
+                           and r["scorer"] == scorer), key=lambda r: r["L"])  # fmt: skip
             if not rows:
                 continue
             xs = [r["L"] for r in rows]
-            ax.plot(xs, [r["p50_ms"] for r in rows], style, color=color, label=f"{inputs} p50")
-            ax.plot(xs, [r["p99_ms"] for r in rows], style, color=color, alpha=0.4,
-                    label=f"{inputs} p99")  # fmt: skip
+            name = f"{scorer} {inputs}"
+            ax.plot(xs, [r["p50_ms"] for r in rows], style, color=color, label=f"{name} p50")
+            ax.plot(xs, [r["p99_ms"] for r in rows], style, color=color, alpha=0.35,
+                    label=f"{name} p99")  # fmt: skip
         if batch == 1:
             ax.axhline(TARGET_MS, color="red", lw=0.8, ls=":", label="target p99 @ L=2000")
         ax.set_xscale("log")
@@ -219,8 +256,8 @@ def plot(results: list, path: str) -> None:
         ax.set_xlabel("history length L")
         ax.set_ylabel("cascade latency (ms)")
         ax.set_title(f"batch {batch}")
-        ax.legend(fontsize=8)
-    fig.suptitle("exported SEMINAR cascade (retrieve -> rank), exact scorer, in process")
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle("exported SEMINAR cascade (retrieve -> rank), exact vs pq first stage, in process")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -248,6 +285,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     parser.add_argument("--lengths", default="100,2000,10000")
     parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--scorers", default="exact,pq")
     args = parser.parse_args(argv)
     import tensorflow as tf
 
@@ -256,17 +294,24 @@ def main(argv=None) -> int:
 
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
+    scorers = args.scorers.split(",")
     info = machine()
+    export_s = {}
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = os.path.join(tmp, "data")
         data_spec, tables, vocab = make_data_dir(data_dir)
-        model = build_model(data_spec, MODEL, tables)
-        t0 = time.time()
-        result = export_model(model, data_dir, os.path.join(tmp, "export"), max_len=MAX_LEN,
-                              warmup_batch_sizes=(1,))  # fmt: skip
-        export_s = time.time() - t0
-        loaded = {m: tf.saved_model.load(p) for m, p in result.paths.items()}
-        results = []
+        exact = build_model(data_spec, MODEL, tables)
+        exact.build()
+        loaded = {}
+        for scorer in scorers:
+            model = exact if scorer == "exact" else pq_model(exact, vocab)
+            t0 = time.time()
+            result = export_model(model, data_dir, os.path.join(tmp, f"export-{scorer}"),
+                                  max_len=MAX_LEN, warmup_batch_sizes=(1,))  # fmt: skip
+            export_s[scorer] = round(time.time() - t0, 1)
+            loaded[scorer] = {m: tf.saved_model.load(p) for m, p in result.paths.items()}
+        # Side by side: each (inputs, batch, L) cell runs every scorer in turn.
         for inputs in ("raw", "encoded"):
             for batch in batches:
                 for length in lengths:
@@ -274,27 +319,35 @@ def main(argv=None) -> int:
                     work = batch * length
                     min_s = 0.5 if args.quick else (4.0 if work <= 200_000 else 8.0)
                     iters = 20 if args.quick else (2000 if work <= 200_000 else 60)
-                    load = os.getloadavg()[0]
-                    stats = time_cascade(loaded, request, inputs == "encoded", min_s, iters)
-                    stats["load_average_1m_before"] = round(load, 2)
-                    stats.update(scorer="exact", inputs=inputs, batch=batch, L=length,
-                                 examples_per_sec=batch / (stats["mean_ms"] / 1000.0))  # fmt: skip
-                    results.append(stats)
-                    print(f"{inputs:8} B={batch:<3} L={length:<6} p50 {stats['p50_ms']:.2f} ms "
-                          f"p99 {stats['p99_ms']:.2f} ms", flush=True)  # fmt: skip
-    results.append({"scorer": "pq", "measured": False,
-                    "reason": "no product-quantization scorer exists yet (separate issue)"})  # fmt: skip
-    target = next(
-        (r for r in results
-         if r.get("inputs") == "raw" and r.get("batch") == 1 and r.get("L") == 2000), None,
-    )  # fmt: skip
+                    for scorer in scorers:
+                        req = request
+                        if scorer == "pq":
+                            req = add_codes(loaded[scorer], request, inputs == "encoded")
+                        load = os.getloadavg()[0]
+                        stats = time_cascade(loaded[scorer], req, inputs == "encoded", min_s, iters)
+                        stats["load_average_1m_before"] = round(load, 2)
+                        stats.update(scorer=scorer, inputs=inputs, batch=batch, L=length,
+                                     examples_per_sec=batch / (stats["mean_ms"] / 1000.0),
+                                     request_bytes=int(sum(_nbytes(v) for v in req.values())))  # fmt: skip
+                        results.append(stats)
+                        print(f"{scorer:5} {inputs:8} B={batch:<3} L={length:<6} "
+                              f"p50 {stats['p50_ms']:.2f} ms p99 {stats['p99_ms']:.2f} ms",
+                              flush=True)  # fmt: skip
+    targets = {
+        scorer: next(
+            (r for r in results if r["scorer"] == scorer and r["inputs"] == "raw"
+             and r["batch"] == 1 and r["L"] == 2000), None,
+        )
+        for scorer in scorers
+    }  # fmt: skip
+    target = targets.get("exact") or next(iter(targets.values()))
     info["load_average_at_end"] = list(os.getloadavg())
     report = {
         "benchmark": "serving",
         "what": "exported cascade retrieve -> rank, tf.saved_model.load, in process",
         "machine": info,
-        "model": {**MODEL, **SIZES, "max_len": MAX_LEN},
-        "export_seconds": round(export_s, 1),
+        "model": {**MODEL, **SIZES, "max_len": MAX_LEN, "pq": PQ},
+        "export_seconds": export_s,
         "target": {
             "L": 2000,
             "batch": 1,
@@ -302,6 +355,10 @@ def main(argv=None) -> int:
             "p99_ms_max": TARGET_MS,
             "p99_ms": target and target["p99_ms"],
             "met": bool(target and target["p99_ms"] <= TARGET_MS),
+            "by_scorer": {
+                s: {"p99_ms": t and t["p99_ms"], "met": bool(t and t["p99_ms"] <= TARGET_MS)}
+                for s, t in targets.items()
+            },
         },  # fmt: skip
         "quick": args.quick,
         "results": results,
@@ -314,7 +371,7 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.out, "serving.txt"), "w") as f:
         f.write(text + "\n")
-    plot([r for r in results if r.get("measured", True)], os.path.join(args.out, "serving.png"))
+    plot(results, os.path.join(args.out, "serving.png"))
     return 0
 
 
