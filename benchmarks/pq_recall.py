@@ -20,7 +20,6 @@ Prints a table; writes ``pq_recall.json`` and ``pq_recall.png`` (recall curves) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.quality import prepare  # noqa: E402
-from benchmarks.serving import machine  # noqa: E402
+from benchmarks.serving import machine, write_results  # noqa: E402
 from seminar_tf import evaluation, training  # noqa: E402
 
 TOP_K = 50
@@ -240,12 +239,9 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     info["load_average_at_end"] = list(os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pq_recall.json"), "w") as f:
-        json.dump({"benchmark": "pq_recall", "machine": info, "top_k": TOP_K,
-                   "grid": GRID, "results": results}, f, indent=2)  # fmt: skip
-    with open(os.path.join(args.out, "pq_recall.txt"), "w") as f:
-        f.write(text + "\n")
+    report = {"benchmark": "pq_recall", "machine": info, "top_k": TOP_K, "grid": GRID,
+              "results": results}  # fmt: skip
+    write_results(args.out, "pq_recall", report, text)
     plot(results, os.path.join(args.out, "pq_recall.png"))
     return 0
 

@@ -205,6 +205,15 @@ def _nbytes(value) -> int:
     return int(value.nbytes)
 
 
+def write_results(out_dir: str, name: str, report: dict, text: str) -> None:
+    """``OUT/<name>.json`` (the report) and ``OUT/<name>.txt`` (the printed table)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+        f.write(text + "\n")
+
+
 def machine() -> dict:
     import keras
     import tensorflow as tf
@@ -366,11 +375,7 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     print(json.dumps(report["target"]))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serving.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "serving.txt"), "w") as f:
-        f.write(text + "\n")
+    write_results(args.out, "serving", report, text)
     plot(results, os.path.join(args.out, "serving.png"))
     return 0
 
