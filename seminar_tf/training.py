@@ -279,7 +279,7 @@ def quantize(
     num_subvectors: int = 16,
     num_centroids: int = 512,
     max_vectors: int = 200_000,
-    recall_ks: tuple = (10, 50),
+    recall_ks: tuple | None = None,
     recall_batches: int = 20,
     seed: int = 0,
 ) -> dict:
@@ -289,7 +289,8 @@ def quantize(
 
     Writes ``quantization.json``: the codebook fit per modality and the share of the exact
     model's GSU top-k that the quantized one keeps on the validation split
-    (``seminar_tf.quantization.gsu_recall``). Returns that report.
+    (``seminar_tf.quantization.gsu_recall``) for each k of ``recall_ks`` (default 10 and the
+    model's ``top_k``). Returns that report.
     """
     from seminar_tf.data.dataset import make_dataset
     from seminar_tf.quantization import gsu_recall, quantize_model
@@ -298,7 +299,9 @@ def quantize(
     with open(os.path.join(model_dir, CONFIG_FILE)) as f:
         run_cfg = json.load(f)
     cfg = TrainConfig(**{**run_cfg.get("train", {}), "seed": seed})
-    if max(recall_ks) > getattr(model, "top_k", 0):
+    top_k = getattr(model, "top_k", 0)
+    recall_ks = tuple(recall_ks or sorted({min(10, top_k), top_k}))
+    if max(recall_ks) > top_k:
         raise ValueError(
             f"recall k={max(recall_ks)} exceeds the model's top_k={getattr(model, 'top_k', None)}"
         )

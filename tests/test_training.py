@@ -157,3 +157,37 @@ def test_a_fresh_process_loads_a_saved_model(data_dir, tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("SeminarCTR")
+
+
+def test_training_a_pq_model_fits_codebooks_and_writes_their_report(data_dir, tmp_path):
+    pq = {**FAST_MODEL, "search": "pq", "search_config": {
+        "num_heads": 2, "num_subvectors": 4, "num_centroids": 8}}  # fmt: skip
+    model, history = training.train(data_dir, str(tmp_path / "pq"), _cfg(model=pq))
+    assert "val_auc" in history
+    books = np.asarray(keras.ops.convert_to_numpy(model.gsu.scorer.codebooks))
+    assert np.abs(books).sum() > 0
+    with open(tmp_path / "pq" / training.QUANTIZATION_FILE) as f:
+        report = json.load(f)["codebooks"]
+    assert report["id"]["vectors"] > 0 and report["id"]["relative_error"] < 1.0
+    loaded = training.load_model(str(tmp_path / "pq"))
+    np.testing.assert_array_equal(
+        np.asarray(keras.ops.convert_to_numpy(loaded.gsu.scorer.codebooks)), books
+    )
+
+
+def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, capsys):
+    from seminar_tf.cli import main
+
+    training.train(data_dir, str(tmp_path / "exact"), _cfg())
+    args = ["quantize", "--data", data_dir, "--model", str(tmp_path / "exact"),
+            "--out", str(tmp_path / "pq"), "--subvectors", "4", "--centroids", "16"]  # fmt: skip
+    assert main(args) == 0
+    recall = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(recall) == {"recall@8", "examples"}  # k = 10 capped at the model's top_k
+    assert 0.0 < recall["recall@8"] <= 1.0 and recall["examples"] > 0
+    assert main(args[:-2] + ["--subvectors", "5"]) == 1  # 5 does not divide d = 16
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_subvectors" in err[0]
+    assert main(["quantize", "--data", data_dir, "--model", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "no model.keras" in capsys.readouterr().err
