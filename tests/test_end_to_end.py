@@ -32,8 +32,23 @@ def _fit_eval(data_dir, out, model):
     return training.evaluate(data_dir, out, max_ranked=500)
 
 
-def test_lifelong_history_beats_chance_and_no_history(data_dir, tmp_path):
-    seminar = _fit_eval(data_dir, str(tmp_path / "seminar"), {**MODEL, "preset": "seminar"})
+@pytest.fixture(scope="module")
+def seminar_dir(data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("seminar"))
+    return out, _fit_eval(data_dir, out, {**MODEL, "preset": "seminar"})
+
+
+def test_lifelong_history_beats_chance_and_no_history(data_dir, seminar_dir, tmp_path):
+    _, seminar = seminar_dir
     dnn = _fit_eval(data_dir, str(tmp_path / "dnn"), {**MODEL, "preset": "dnn"})
     assert seminar["auc"] > 0.6, seminar
     assert seminar["auc"] > dnn["auc"] + 0.03, (seminar["auc"], dnn["auc"])
+
+
+def test_product_quantized_first_stage_keeps_the_auc(data_dir, seminar_dir, tmp_path):
+    model_dir, exact = seminar_dir
+    out = str(tmp_path / "pq")
+    report = training.quantize(data_dir, model_dir, out, num_subvectors=8, num_centroids=256)
+    assert report["valid_gsu_recall"]["recall@10"] > 0.9, report["valid_gsu_recall"]
+    pq = training.evaluate(data_dir, out, max_ranked=500)
+    assert abs(pq["auc"] - exact["auc"]) < 0.01, (pq["auc"], exact["auc"])
