@@ -26,14 +26,27 @@ import numpy as np
 log = logging.getLogger("seminar.quantize")
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, iterations: int = 25) -> np.ndarray:
-    """``k`` centroids ``[k, e]`` of the rows of ``x`` ``[N, e]``.
+def distinct_rows(x: np.ndarray, weights: np.ndarray | None = None) -> tuple:
+    """``(rows [N', e], weights [N'])``: the distinct rows of ``x`` ``[N, e]`` and the
+    summed weight (default: the count) of each."""
+    x = np.ascontiguousarray(x)
+    keys = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    w = np.ones(len(x)) if weights is None else np.asarray(weights, np.float64)
+    return x[first], np.bincount(inverse.ravel(), weights=w).astype(np.float32)
+
+
+def kmeans(
+    x: np.ndarray, k: int, seed: int = 0, iterations: int = 25, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """``k`` centroids ``[k, e]`` of the rows of ``x`` ``[N, e]`` (each weighted by
+    ``weights``, default 1).
 
     With at most ``k`` distinct rows the distinct rows themselves are the centroids (padded
-    by repeating the first), so quantization is exact. Uses faiss when it is installed and
+    by repeating the first), so quantization is exact. Clusters the distinct rows with their
+    summed weights (histories repeat items many times). Uses faiss when it is installed and
     scikit-learn's ``KMeans`` otherwise."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    distinct = np.unique(x, axis=0)
+    distinct, w = distinct_rows(np.asarray(x, np.float32), weights)
     if len(distinct) <= k:
         pad = np.repeat(distinct[:1], k - len(distinct), axis=0)
         return np.concatenate([distinct, pad], axis=0)
@@ -43,18 +56,24 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iterations: int = 25) -> np.nda
         faiss = None
     if faiss is not None:
         km = faiss.Kmeans(
-            x.shape[1],
-            k,
-            niter=iterations,
-            seed=seed + 1,
-            verbose=False,
-            max_points_per_centroid=512,
-        )
-        km.train(x)
+            distinct.shape[1], k, niter=iterations, seed=seed + 1, verbose=False,
+            max_points_per_centroid=512, min_points_per_centroid=1,
+        )  # fmt: skip
+        # k-means++ seeding (faiss seeds at random, which can leave a dense cluster
+        # without a centroid).
+        from sklearn.cluster import kmeans_plusplus
+
+        pool = np.arange(len(distinct))
+        if len(pool) > 20 * k:  # seeding on a weighted sample keeps it O(20 k^2 e)
+            rng = np.random.default_rng(seed)
+            pool = rng.choice(pool, 20 * k, replace=False, p=w / w.sum())
+        init, _ = kmeans_plusplus(distinct[pool], k, sample_weight=w[pool], random_state=seed)
+        km.train(distinct, weights=w, init_centroids=init.astype(np.float32))
         return np.asarray(km.centroids, dtype=np.float32)
     from sklearn.cluster import KMeans
 
-    km = KMeans(n_clusters=k, n_init=1, max_iter=iterations, random_state=seed).fit(x)
+    km = KMeans(n_clusters=k, n_init=1, max_iter=iterations, random_state=seed)
+    km.fit(distinct, sample_weight=w)
     return km.cluster_centers_.astype(np.float32)
 
 
@@ -63,10 +82,12 @@ def _features(batch):
 
 
 def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
-    """The distinct per-modality GSU vectors ``{modality: [N_m, d]}`` of the histories in
-    ``dataset`` (batches of model features, or ``(features, label)``), read until every
-    modality has ``max_vectors`` samples or the data ends; padding and absent modalities are
-    left out."""
+    """The per-modality GSU vectors of the histories in ``dataset`` (batches of model
+    features, or ``(features, label)``), read until every modality has ``max_vectors``
+    behaviours or the data ends; padding and absent modalities are left out.
+
+    Returns ``{modality: (vectors [N_m, d], counts [N_m])}``: the distinct vectors and how
+    many behaviours had each (a history repeats items and queries)."""
     found: dict[str, list] = {}
     counts: dict[str, int] = {}
     for batch in dataset:
@@ -74,25 +95,26 @@ def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
         for m, vectors in parts.items():
             present = np.asarray(keras.ops.convert_to_numpy(masks[m]), bool)
             v = np.asarray(keras.ops.convert_to_numpy(vectors), np.float32)[present]
-            found.setdefault(m, []).append(v)
+            found.setdefault(m, []).append(distinct_rows(v))
             counts[m] = counts.get(m, 0) + len(v)
         if counts and min(counts.values()) >= max_vectors:
             break
     out = {}
     for m, chunks in found.items():
-        v = np.concatenate(chunks, axis=0)[:max_vectors]
-        if len(v):
-            out[m] = v
+        rows = np.concatenate([r for r, _ in chunks], axis=0)
+        if len(rows):
+            out[m] = distinct_rows(rows, np.concatenate([w for _, w in chunks]))
     return out
 
 
 def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> dict:
     """Fits the codebooks of a ``search="pq"`` model's scorer by k-means on its GSU vectors
-    (:func:`collect_gsu_vectors`) and assigns them.
+    (:func:`collect_gsu_vectors`, each distinct vector weighted by how many behaviours had
+    it) and assigns them.
 
-    Returns ``{modality: {"vectors": N, "relative_error": ||x - q(x)||^2 / ||x||^2}}``
-    (the error on the vectors it was fitted on). A modality with no vector in the data
-    keeps zero codebooks (and its behaviours score 0 on it).
+    Returns ``{modality: {"vectors": behaviours, "distinct": N, "relative_error":
+    sum ||x - q(x)||^2 / sum ||x||^2}}`` over the behaviours it was fitted on. A modality
+    with no vector in the data keeps zero codebooks (and its behaviours score 0 on it).
     """
     scorer = _pq_scorer(model)
     t0 = time.time()
@@ -102,22 +124,22 @@ def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> 
     e = books.shape[-1]
     report = {}
     for i, m in enumerate(scorer.modalities):
-        x = vectors.get(m)
-        if x is None:
-            report[m] = {"vectors": 0, "relative_error": None}
+        if m not in vectors:
+            report[m] = {"vectors": 0, "distinct": 0, "relative_error": None}
             continue
+        x, w = vectors[m]
         sub = x.reshape(len(x), s, e)
         for j in range(s):
-            books[i, j] = kmeans(sub[:, j], c, seed=seed + 1000 * i + j)
-        err = _quantization_error(sub, books[i])
-        report[m] = {"vectors": int(len(x)), "relative_error": err}
+            books[i, j] = kmeans(sub[:, j], c, seed=seed + 1000 * i + j, weights=w)
+        err = _quantization_error(sub, books[i], w)
+        report[m] = {"vectors": int(w.sum()), "distinct": int(len(x)), "relative_error": err}
     scorer.set_codebooks(books)
     log.info(
         "quantize: codebooks %s fitted in %.1fs (%s)",
         tuple(books.shape),
         time.time() - t0,
         ", ".join(
-            f"{m}: {r['vectors']} vectors, error {r['relative_error']:.3f}"
+            f"{m}: {r['distinct']} distinct vectors, error {r['relative_error']:.3f}"
             for m, r in report.items()
             if r["vectors"]
         ),
@@ -125,15 +147,20 @@ def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> 
     return report
 
 
-def _quantization_error(sub: np.ndarray, books: np.ndarray) -> float:
-    """``sum ||x - q(x)||^2 / sum ||x||^2`` for sub-vectors ``[N, S, e]`` and books
-    ``[S, C, e]``."""
+def _quantization_error(
+    sub: np.ndarray, books: np.ndarray, weights: np.ndarray, limit: int = 20_000
+) -> float:
+    """``sum w ||x - q(x)||^2 / sum w ||x||^2`` for sub-vectors ``[N, S, e]`` and books
+    ``[S, C, e]``, on at most ``limit`` rows (the heaviest: it is a report, not a fit)."""
+    if len(sub) > limit:
+        keep = np.argsort(-weights, kind="stable")[:limit]
+        sub, weights = sub[keep], weights[keep]
     total, norm = 0.0, 0.0
     for j in range(sub.shape[1]):
         x = sub[:, j]
         d = (x * x).sum(1, keepdims=True) - 2 * x @ books[j].T + (books[j] ** 2).sum(1)[None]
-        total += float(np.maximum(d.min(axis=1), 0).sum())
-        norm += float((x * x).sum())
+        total += float((np.maximum(d.min(axis=1), 0) * weights).sum())
+        norm += float(((x * x).sum(1) * weights).sum())
     return total / max(norm, 1e-12)
 
 

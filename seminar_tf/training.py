@@ -280,7 +280,7 @@ def quantize(
     num_centroids: int = 512,
     max_vectors: int = 200_000,
     recall_ks: tuple | None = None,
-    recall_batches: int = 20,
+    recall_batches: int = 8,
     seed: int = 0,
 ) -> dict:
     """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a

@@ -199,6 +199,12 @@ def test_kmeans_returns_k_centroids_and_is_exact_on_few_points(library, monkeypa
     centroids = kmeans(np.concatenate([few, few]), 8)
     assert centroids.shape == (8, 3)
     assert {tuple(r) for r in centroids} == {tuple(r) for r in few}
+    # Repeated rows count as their number: k = 1 lands on the weighted mean.
+    two = np.array([[0.0, 0.0]] * 9 + [[10.0, 0.0]], np.float32)
+    np.testing.assert_allclose(kmeans(two, 1)[0], [1.0, 0.0], atol=1e-3)
+    np.testing.assert_allclose(
+        kmeans(two[[0, 9]], 1, weights=np.array([1.0, 3.0]))[0], [7.5, 0.0], atol=1e-3
+    )
     blobs = np.concatenate([rng.normal(c, 0.01, size=(200, 2)) for c in (-5, 0, 5)])
     found = np.sort(kmeans(blobs.astype("float32"), 3)[:, 0])
     np.testing.assert_allclose(found, [-5, 0, 5], atol=0.1)
