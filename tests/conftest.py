@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -35,3 +38,22 @@ def tiny(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     return build_tiny_export(str(shared / "seminar-tiny-export"))
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """``run(script, backend, timeout=240) -> stdout``: runs Python source in a fresh process
+    under ``KERAS_BACKEND=backend`` (a backend is fixed per process) and fails the test with
+    its output when it exits non-zero."""
+
+    def run(script: str, backend: str, timeout: int = 240) -> str:
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(script)],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        return result.stdout
+
+    return run

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
-import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -18,7 +15,6 @@ from keras import ops  # noqa: E402
 from seminar_tf import testing  # noqa: E402
 from seminar_tf.models import PRESETS, PSU, SeminarCTR, build_model, build_psu  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = testing.make_data_spec()
 TABLES = testing.make_tables(SPEC)
 BARE = testing.make_data_spec(
@@ -293,21 +289,6 @@ def test_planted_signal_is_learned():
 
 
 # --------------------------------------------------------------------------- other processes
-def run_script(script: str, backend: str, timeout: int = 240) -> str:
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout
-
-
 TRAIN_SCRIPT = """
 import os
 import keras, numpy as np
@@ -333,7 +314,7 @@ print("TRAINED", keras.backend.backend())
 """
 
 
-def test_training_step_under_jax():
+def test_training_step_under_jax(run_script):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install 'seminar-tf[jax]')")
     assert "TRAINED jax" in run_script(TRAIN_SCRIPT, "jax")
@@ -367,5 +348,5 @@ print("MIRRORED", strategy.num_replicas_in_sync)
 """
 
 
-def test_mirrored_strategy_fit_step_on_two_logical_cpus():
+def test_mirrored_strategy_fit_step_on_two_logical_cpus(run_script):
     assert "MIRRORED 2" in run_script(MIRRORED_SCRIPT, "tensorflow")

@@ -253,12 +253,10 @@ print("PQ", keras.backend.backend())
 """
 
 
-def test_pq_runs_under_jax():
+def test_pq_runs_under_jax(run_script):
     """Layers use keras.ops only: the pq scorer, its codes and a fit run on JAX too."""
     import importlib.util
 
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install 'seminar-tf[jax]')")
-    from tests.test_models import run_script
-
     assert "PQ jax" in run_script(JAX_SCRIPT, "jax")
