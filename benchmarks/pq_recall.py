@@ -20,6 +20,7 @@ Prints a table; writes ``pq_recall.json`` and ``pq_recall.png`` (recall curves) 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -207,10 +208,11 @@ def plot(results: list, path: str) -> None:
                     alpha=0.6, label=f"symmetric recall {k}@{TOP_K}")  # fmt: skip
         for r in res["rows"]:
             if r["method"] == "pq" and r["S"] != 16:
-                ax.scatter([r["C"]], [r["recall@10"]], marker="x", color="tab:green")
-                ax.annotate(f"S={r['S']}", (r["C"], r["recall@10"]), fontsize=7)
+                ax.scatter([r["C"]], [r[f"recall@{TOP_K}"]], marker="x", color="tab:green")
+                ax.annotate(f" S={r['S']}", (r["C"], r[f"recall@{TOP_K}"]), fontsize=7,
+                            color="tab:green")  # fmt: skip
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0, 1.02)
+        ax.set_ylim(0.8, 1.005)
         ax.set_xlabel("centroids per codebook C (S = 16 sub-vectors per modality)")
         ax.set_ylabel("share of the exact top-k kept")
         ax.set_title(f"{res['dataset']} (L <= {res['max_len']}, validation)")
@@ -230,7 +232,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max-vectors", type=int, default=100_000)
     parser.add_argument("--auc-all", action="store_true", help="test AUC at every grid point")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--replot", action="store_true", help="redraw OUT/pq_recall.png only")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(os.path.join(args.out, "pq_recall.json")) as f:
+            plot(json.load(f)["results"], os.path.join(args.out, "pq_recall.png"))
+        return 0
     info = machine()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
