@@ -500,6 +500,8 @@ class SeminarCTR(keras.Model):
             gsu_target = self._gsu_target(t_vec, t_mask, target_pair)
             h_mask = self.gsu.scorer.presence(codes)
             weights = emb.fusion_weights(h_mask, item_present=mask)
+            # The codes replace the key vectors, which are never computed: the scorer reads
+            # only key_parts/key_weights outside training, so the target stands in for keys.
             indices, kept_mask, scores = self.gsu(
                 gsu_target, gsu_target, mask, key_parts=extra, key_weights=weights
             )
