@@ -113,7 +113,8 @@ def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> 
     it) and assigns them.
 
     Returns ``{modality: {"vectors": behaviours, "distinct": N, "relative_error":
-    sum ||x - q(x)||^2 / sum ||x||^2}}`` over the behaviours it was fitted on. A modality
+    sum ||x - q(x)||^2 / sum ||x||^2}}``, the error weighted by behaviours over (at most
+    20,000 of the most frequent) distinct vectors it was fitted on. A modality
     with no vector in the data keeps zero codebooks (and its behaviours score 0 on it).
     """
     scorer = _pq_scorer(model)

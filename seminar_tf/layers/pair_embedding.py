@@ -504,9 +504,12 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         lam = ops.expand_dims(lam, -1)
         return item_vector + lam * (query_vector - item_vector)
 
-    def fuse(self, vectors: dict, masks: dict):
+    def fuse(self, vectors: dict, masks: dict, weights: dict | None = None):
         """Pair vectors ``[..., d]`` from :meth:`encode`'s (possibly transformed) outputs;
-        zeros where the item is padding (see :meth:`fusion_weights`)."""
+        zeros where the item is padding. ``weights``: :meth:`fusion_weights` of ``masks``
+        when the caller already has them (the same masks fuse several sets of vectors)."""
+        if weights is not None:
+            return self._weighted_sum(vectors, weights)
         with_query = QUERY_MODALITY in vectors
         used = {m: masks[m] for m in self.item_modalities if m in vectors}
         if with_query:

@@ -388,7 +388,8 @@ class SeminarCTR(keras.Model):
             hist_item = inputs["hist_item"]
             mask = ops.not_equal(hist_item, 0)
             h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
-            hist_pair = emb.fuse(h_vec, h_mask)
+            h_weights = emb.fusion_weights(h_mask)
+            hist_pair = emb.fuse(h_vec, h_mask, h_weights)
             keys = hist_pair
             if self.use_history_labels:
                 labels = ops.clip(ops.cast(inputs["hist_label"], "int32"), 0, 1)
@@ -398,7 +399,7 @@ class SeminarCTR(keras.Model):
                 kept_keys, kept_mask = keys, mask
             else:
                 gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
-                    t_vec, t_mask, target_pair, h_vec, h_mask, hist_pair
+                    t_vec, t_mask, target_pair, h_vec, h_mask, h_weights, hist_pair
                 )
                 indices, kept_mask, kept_scores = self.gsu(
                     gsu_target,
@@ -406,7 +407,7 @@ class SeminarCTR(keras.Model):
                     mask,
                     target_parts=t_parts,
                     key_parts=h_parts,
-                    key_weights=emb.fusion_weights(h_mask),
+                    key_weights=h_weights,
                     training=training,
                 )
                 gather = ops.broadcast_to(
@@ -424,17 +425,18 @@ class SeminarCTR(keras.Model):
                 features.append(self._short_term(hist_pair, mask))
         return self._mlp_head(features, training=training)
 
-    def _gsu_inputs(self, t_vec, t_mask, target_pair, h_vec, h_mask, hist_pair=None):
+    def _gsu_inputs(self, t_vec, t_mask, target_pair, h_vec, h_mask, h_weights, hist_pair=None):
         """``(gsu_target, gsu_keys, target_parts, key_parts)``: with per-modality projections
-        G(j), the parts go through them and are fused again; without, the pair vectors serve
-        (``hist_pair`` is fused here when not given)."""
+        G(j), the parts go through them and are fused again (with the history's fusion
+        weights ``h_weights``); without, the pair vectors serve (``hist_pair`` is fused here
+        when not given)."""
         emb = self.pair_embedding
         if not self.gsu_modalities:
             if hist_pair is None:
-                hist_pair = emb.fuse(h_vec, h_mask)
+                hist_pair = emb.fuse(h_vec, h_mask, h_weights)
             return target_pair, hist_pair, t_vec, h_vec
         t_parts, h_parts = self._project_gsu(t_vec), self._project_gsu(h_vec)
-        return emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask), t_parts, h_parts
+        return emb.fuse(t_parts, t_mask), emb.fuse(h_parts, h_mask, h_weights), t_parts, h_parts
 
     def _project_gsu(self, vectors: dict) -> dict:
         """``G(j)`` of each modality that has one."""
@@ -507,8 +509,9 @@ class SeminarCTR(keras.Model):
             )
         else:
             h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+            weights = emb.fusion_weights(h_mask)
             gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
-                t_vec, t_mask, target_pair, h_vec, h_mask
+                t_vec, t_mask, target_pair, h_vec, h_mask, weights
             )
             hist_pair = None if self.gsu_modalities else gsu_keys
             indices, kept_mask, scores = self.gsu(
@@ -517,16 +520,17 @@ class SeminarCTR(keras.Model):
                 mask,
                 target_parts=t_parts,
                 key_parts={**h_parts, **extra},
-                key_weights=emb.fusion_weights(h_mask),
+                key_weights=weights,
             )
         out = {"indices": indices, "kept_mask": kept_mask, "scores": scores}
         if self.short_term_len:
             if hist_pair is None:
-                if h_vec is None:
+                if h_vec is None:  # scored from codes: the vectors are needed here only
                     h_vec, h_mask = emb.encode(
                         hist_item, inputs["hist_query"], inputs["hist_query_tokens"]
                     )
-                hist_pair = emb.fuse(h_vec, h_mask)
+                    weights = emb.fusion_weights(h_mask)
+                hist_pair = emb.fuse(h_vec, h_mask, weights)
             out["short_term"] = self._short_term(hist_pair, mask)
         return out
 

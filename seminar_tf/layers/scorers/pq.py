@@ -167,9 +167,8 @@ class PQScorer(ExactScorer):
     def _linear_form(self, target):
         """``(u [B, d], c [B])`` with ``exact score(k) = u . k + c`` for this target."""
         att = self.attention
-        q = ops.einsum("bd,dhe->bhe", target, att.query_kernel)
-        if att.use_bias:
-            q = q + att.query_bias
+        # The attention's own query projection (the key side is folded into u below).
+        q = att._project(target, att.query_kernel, getattr(att, "query_bias", None), "bd,dhe->bhe")
         scale = 1.0 / math.sqrt(att._head_dim)
         if self.reduction == "mean":
             scale /= att.num_heads
