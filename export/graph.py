@@ -8,6 +8,8 @@ looked up as a whole in the query vocabulary and split into at most ``Q`` tokens
 (``seminar_tf.text.tokenize_query``) looked up in the token vocabulary; every lookup is a
 ``keras.layers.StringLookup`` over the preprocessing's ``vocab/*.txt`` (carried into the
 SavedModel as assets), so an unknown value maps to the OOV id 1 and "" to the padding id 0.
+A vocabulary a data set left empty (no query in any event, no attribute on any item) is an
+:class:`EmptyVocabularyLookup` with the same rule: such values are still accepted, as OOV.
 
 Every signature takes the target's ``target_attributes`` ``[B, A]`` (``spec.TARGET_ATTRIBUTES``;
 "" / 0 padding): a row of padding only keeps the item table's attributes of the target, a row
@@ -47,8 +49,10 @@ def strip_text(x):
 
 
 def normalize_query(x):
-    """In-graph ``seminar_tf.text.normalize_query``: strip, then Unicode lower-case."""
-    return tf.strings.lower(strip_text(x), encoding="utf-8")
+    """In-graph ``seminar_tf.text.normalize_query``: every whitespace run (line breaks
+    included) to one space, strip, then Unicode lower-case."""
+    collapsed = tf.strings.regex_replace(x, _SPACE_CLASS + "+", " ")
+    return tf.strings.lower(strip_text(collapsed), encoding="utf-8")
 
 
 def tokenize_query(x, max_tokens: int):
@@ -88,9 +92,30 @@ def named_function(name: str, features: tuple, body):
     return fn
 
 
+class EmptyVocabularyLookup(keras.layers.Layer):
+    """The lookup of a vocabulary with no entries (``StringLookup`` refuses an empty
+    vocabulary): a data set that lacks that part (no query in any event, no attribute on
+    any item) or whose values all fell below the preprocessing's minimum count. "" is the
+    padding id 0 and every other string the OOV id 1, exactly as the preprocessing encodes a
+    value missing from its vocabulary, so a request that gives a query to a model trained
+    without any (or attributes to one without attributes) is answered, never refused. Its
+    size is the 2 reserved ids, as the model's."""
+
+    def call(self, inputs):
+        return tf.where(
+            tf.equal(inputs, ""), tf.constant(spec.PAD_ID, tf.int64),
+            tf.constant(spec.OOV_ID, tf.int64),
+        )  # fmt: skip
+
+    def vocabulary_size(self) -> int:
+        return spec.NUM_RESERVED_IDS
+
+
 class Vocabularies:
     """The preprocessing vocabularies the serving inputs need, as ``StringLookup`` layers
-    (``spec`` id convention): items, queries, query tokens and attributes."""
+    (``spec`` id convention): items, queries, query tokens and attributes. An empty
+    vocabulary file (a part the data set lacks) becomes an :class:`EmptyVocabularyLookup`:
+    requests may still send such values; they are OOV."""
 
     KINDS = ("item", "query", "query_token", "attribute")
 
@@ -103,12 +128,13 @@ class Vocabularies:
                 raise FileNotFoundError(f"{data_dir}: no vocabulary {spec.VOCAB_DIR}/{file}")
             with open(path, encoding="utf-8") as f:
                 empty = not f.read(1)
-            # An empty vocabulary file is not a valid StringLookup vocabulary: every non-empty
-            # value is then OOV.
-            vocab = [] if empty else path
-            layer = keras.layers.StringLookup(
-                vocabulary=vocab, mask_token="", num_oov_indices=1, name=f"{kind}_lookup"
-            )
+            if empty:
+                # StringLookup refuses an empty vocabulary: every non-empty value is OOV.
+                layer = EmptyVocabularyLookup(name=f"{kind}_lookup")
+            else:
+                layer = keras.layers.StringLookup(
+                    vocabulary=path, mask_token="", num_oov_indices=1, name=f"{kind}_lookup"
+                )
             layer(tf.constant([""]))  # builds it (an export needs built layers)
             self.lookups[kind] = layer
 

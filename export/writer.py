@@ -338,6 +338,9 @@ def export_models(
         raise FileNotFoundError(
             f"{data_dir}: the model's preprocessing output is not there (pass --data)"
         )
+    from seminar_tf.data.manifest import verify_output
+
+    verify_output(data_dir)  # one complete preprocess run (DataError, one line, otherwise)
     train_cfg = cfg.get("train", {})
     max_len = max_len or train_cfg.get("max_len") or spec.DataSpec.load(data_dir).max_len
     model = training.load_model(model_dir)

@@ -1,101 +1,99 @@
-"""Reading raw tables (Parquet, CSV, JSON Lines) into dicts, with Beam's own IO."""
+"""Reading raw tables (Parquet, CSV, JSON Lines) into ``(location, dict)`` records.
+
+Each file is read by a DoFn of ours (``preprocessing.read_files``) over ``FileSystems.open``,
+so every record keeps where it came from: a packed location (file index, line or row) that
+gives first-seen order to the de-duplication and ``"file:line N"`` / ``"file:row N"`` to the
+dead letters. A record that cannot be read (bad bytes, broken JSON, wrong cell count) becomes
+a dead letter; nothing a file holds can stop the job.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
-from seminar_tf.data.readers import detect_format, parse_cell
+from seminar_tf.data.readers import detect_format
 
 REJECTED = "rejected"
+TALLY = "tally"
+WARNINGS = "warnings"
+# The ``field`` of a dead letter whose whole record (or file) is at fault.
+WHOLE_RECORD = "_record"
+WHOLE_FILE = "_file"
+
+_LOC_BITS = 40
+_LOC_MASK = (1 << _LOC_BITS) - 1
+
+# Columns a stage cannot do without; a header or schema lacking one earns a warning (its
+# records are then rejected one by one as missing_field, which the job's failure rule sees).
+REQUIRED_COLUMNS = {
+    "events": ("user_id", "timestamp", "item_id", "label"),
+    "items": ("item_id",),
+    "queries": ("query", "text_embedding"),
+}
 
 
-def rejection(stage: str, reason: str, field: str | None, record) -> dict:
-    """A dead-letter entry: which stage refused which record, why, and the field at fault."""
+def make_loc(file_index: int, number: int) -> int:
+    """Packs (file index, line or row number) into one int: cheap to carry with each event,
+    and its order is the input order (files as listed, then line/row)."""
+    return (file_index << _LOC_BITS) | number
+
+
+class Sources:
+    """The input files of one stage; turns a packed location back into ``file:line N``
+    (text files, 1-based physical line where the record starts) or ``file:row N`` (Parquet,
+    0-based row index)."""
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self._unit = ["row" if detect_format(f) == "parquet" else "line" for f in self.files]
+
+    def describe(self, loc: int | None) -> str:
+        if loc is None:
+            return "unknown"
+        index, number = loc >> _LOC_BITS, loc & _LOC_MASK
+        if index >= len(self.files):
+            return f"file #{index}:{number}"
+        return f"{self.files[index]}:{self._unit[index]} {number}"
+
+
+def rejection(
+    stage: str,
+    reason: str,
+    field: str | None,
+    record,
+    source: str = "unknown",
+    dropped: str = "record",
+) -> dict:
+    """A dead letter: which stage refused what, why, the field at fault and where it was.
+
+    ``dropped`` is ``"record"`` (the record is not used; it counts as rejected) or
+    ``"field"`` (only ``field`` was dropped; the record is used and is not counted as
+    rejected, see ``stats.json`` ``dropped_fields``).
+    """
     if not isinstance(record, (dict, str)):
         record = repr(record)
-    return {"stage": stage, "reason": reason, "field": field, "record": record}
+    return {
+        "stage": stage,
+        "reason": reason,
+        "field": field or WHOLE_RECORD,
+        "record": record,
+        "source": source,
+        "dropped": dropped,
+    }
 
 
-class _ParseJsonLine(beam.DoFn):
-    def __init__(self, stage: str):
-        self._stage = stage
-
-    def process(self, element):
-        filename, line = element
-        if not line.strip():
-            return
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED,
-                rejection(self._stage, f"read_invalid_json: {e.msg} ({filename})", None, line),
-            )
-            return
-        if not isinstance(record, dict):
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection(self._stage, "read_json_not_an_object", None, line)
-            )
-            return
-        yield record
-
-
-class _ParseCsvLine(beam.DoFn):
-    def __init__(self, stage: str, headers: dict[str, list[str]]):
-        self._stage = stage
-        self._headers = headers
-
-    def process(self, element):
-        filename, line = element
-        if not line.strip():
-            return
-        header = self._headers[filename]
-        try:
-            cells = next(csv.reader(io.StringIO(line)))
-        except csv.Error as e:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection(self._stage, f"read_invalid_csv: {e}", None, line)
-            )
-            return
-        if len(cells) != len(header):
-            yield beam.pvalue.TaggedOutput(
-                REJECTED,
-                rejection(
-                    self._stage,
-                    f"read_csv_column_count: {len(cells)} cells, header has {len(header)}",
-                    None,
-                    line,
-                ),
-            )
-            return
-        record = {}
-        for name, cell in zip(header, cells):
-            try:
-                record[name] = parse_cell(name, cell)
-            except json.JSONDecodeError:
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED, rejection(self._stage, "read_invalid_list_cell", name, line)
-                )
-                return
-        yield record
-
-
-def _read_csv_header(path: str) -> list[str]:
-    with FileSystems.open(path) as f:
-        first = io.TextIOWrapper(f, encoding="utf-8").readline()
-    return next(csv.reader(io.StringIO(first)))
+def rejection_key(r: dict) -> tuple:
+    """The counting key of a dead letter: reason details after ``:`` are dropped."""
+    return (r["stage"], r["reason"].split(":")[0], r["field"], r.get("dropped", "record"))
 
 
 class ReadRecords(beam.PTransform):
-    """Reads data files into dicts; unparseable lines leave through the ``rejected`` output.
+    """Reads data files into ``(loc, dict)`` records.
 
-    Returns a ``DoOutputsTuple`` with ``.records`` (dicts) and ``.rejected`` (dead letters).
-    CSV rows must be one line each (list cells are JSON arrays, which have no newlines).
+    Returns ``{"records", "rejected", "tally", "warnings"}``: the records, the dead letters
+    of unreadable ones, ``(("input", stage), n)`` record counts (read + unreadable, for the
+    input = used + rejected accounting) and warning lines (empty or header-only files,
+    missing columns). Files may mix formats; each is read by its extension.
     """
 
     def __init__(self, files: list[str], stage: str):
@@ -104,21 +102,45 @@ class ReadRecords(beam.PTransform):
             raise ValueError(f"{stage}: no input files")
         self._files = list(files)
         self._stage = stage
-        self._format = detect_format(self._files[0])
 
     def expand(self, pbegin):
-        files = pbegin | "ListFiles" >> beam.Create(self._files)
-        if self._format == "parquet":
-            records = files | "ReadParquet" >> beam.io.ReadAllFromParquet()
-            empty = pbegin | "NoParseErrors" >> beam.Create([])
-            return {"records": records, REJECTED: empty}
-        lines = files | "ReadLines" >> beam.io.ReadAllFromText(
-            with_filename=True, skip_header_lines=1 if self._format == "csv" else 0
-        )
-        if self._format == "csv":
-            headers = {f: _read_csv_header(f) for f in self._files}
-            parser = _ParseCsvLine(self._stage, headers)
-        else:
-            parser = _ParseJsonLine(self._stage)
-        parsed = lines | "Parse" >> beam.ParDo(parser).with_outputs(REJECTED, main="records")
-        return {"records": parsed.records, REJECTED: parsed[REJECTED]}
+        from preprocessing.read_files import ListRowGroups, ReadRowGroup, ReadTextFile
+
+        indexed = list(enumerate(self._files))
+        parquet = [(i, f) for i, f in indexed if detect_format(f) == "parquet"]
+        text = [(i, f) for i, f in indexed if detect_format(f) != "parquet"]
+        outputs = (REJECTED, TALLY, WARNINGS)
+        collected = {tag: [] for tag in ("records", *outputs)}
+
+        def collect(result, with_records=True):
+            if with_records:
+                collected["records"].append(result.records)
+            for tag in outputs:
+                collected[tag].append(result[tag])
+
+        if text:
+            collect(
+                pbegin
+                | "ListTextFiles" >> beam.Create(text)
+                | "SpreadTextFiles" >> beam.Reshuffle()
+                | "ReadTextFiles"
+                >> beam.ParDo(ReadTextFile(self._stage)).with_outputs(*outputs, main="records")
+            )
+        if parquet:
+            listed = (
+                pbegin
+                | "ListParquetFiles" >> beam.Create(parquet)
+                | "ListRowGroups"
+                >> beam.ParDo(ListRowGroups(self._stage)).with_outputs(*outputs, main="groups")
+            )
+            collect(listed, with_records=False)
+            collect(
+                listed.groups
+                | "SpreadRowGroups" >> beam.Reshuffle()
+                | "ReadRowGroups"
+                >> beam.ParDo(ReadRowGroup(self._stage)).with_outputs(*outputs, main="records")
+            )
+        return {
+            tag: pcolls | f"Flatten_{tag}" >> beam.Flatten(pipeline=pbegin.pipeline)
+            for tag, pcolls in collected.items()
+        }

@@ -1,12 +1,14 @@
 """The preprocessing graph: raw events + item catalog -> per-user sequence examples.
 
-    read -> validate -> join items -> group by user -> sort by (timestamp, item_id)
-         -> tag each event with its split -> encode ids -> chunk -> write
+    read -> validate -> join items -> group by user -> drop duplicates -> sort by
+         (timestamp, item_id) -> tag each event with its split -> encode ids -> chunk -> write
 
 plus vocabularies, the item/query vector tables, ``schema.json``, ``stats.json`` and a
-dead-letter folder of rejected records (JSON Lines with the reason). Every step is a named,
-composable ``PTransform``; :class:`Preprocess` wires them and :func:`run` runs the graph with
-any Beam runner (FnApiRunner here, Dataflow/Flink/Spark elsewhere) and finishes the stats.
+dead-letter folder of rejected records (JSON Lines with the reason, field and source). Every
+step is a named, composable ``PTransform``; :class:`Preprocess` wires them and :func:`run`
+runs the graph with any Beam runner (FnApiRunner here, Dataflow/Flink/Spark elsewhere) into a
+temporary directory, finishes the stats, and moves the result into place only when the job
+succeeded (``preprocessing.output``).
 """
 
 from __future__ import annotations
@@ -17,17 +19,24 @@ import logging
 import time
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.stats import ApproximateQuantiles
 
-from preprocessing.io import REJECTED, ReadRecords
+from preprocessing import output
+from preprocessing.io import REJECTED, TALLY, WARNINGS, ReadRecords, Sources, rejection_key
+from preprocessing.rules import (
+    DEFAULT_MAX_QUERY_CHARS,
+    DEFAULT_MAX_TIMESTAMP,
+    MAX_INT64,
+    SECONDS_PER_UNIT,
+    ParseRules,
+)
 from preprocessing.sequences import USER_STATS, BuildUserSequences
+from preprocessing.stats import Summarise, check_failure, finish_stats
 from preprocessing.tables import WriteTables
 from preprocessing.validate import (
     COUNTS,
-    TALLY,
     TIMESTAMP_BATCH,
     CheckVectorDims,
     JoinCatalog,
@@ -40,6 +49,7 @@ from preprocessing.validate import (
 )
 from preprocessing.vocab import BuildVocabularies, WriteVocabularies
 from seminar_tf import spec
+from seminar_tf.data.readers import DataError
 
 log = logging.getLogger("seminar.preprocess")
 
@@ -47,9 +57,13 @@ FNAPI_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 _QUANTILES = 1001
 
 
+class PreprocessFailed(DataError):
+    """The job ran but its input was mostly rejected; the message is one line."""
+
+
 @dataclasses.dataclass
 class PreprocessConfig:
-    """What to read, where to write, and how to cut the data."""
+    """What to read, where to write, how to cut the data and how strict to be."""
 
     events: list[str]
     items: list[str]
@@ -66,6 +80,15 @@ class PreprocessConfig:
     min_counts: dict = dataclasses.field(
         default_factory=lambda: {"item": 1, "attribute": 1, "query_token": 2, "query": 1}
     )
+    overwrite: bool = False  # replace an existing out_dir (only after success)
+    timestamp_unit: str = "s"  # unit of raw numeric timestamps: s, ms, us, ns
+    min_timestamp: int = 0  # plausibility window in seconds, [min, max)
+    max_timestamp: int = DEFAULT_MAX_TIMESTAMP  # 2100-01-01
+    max_query_chars: int = DEFAULT_MAX_QUERY_CHARS
+    list_separator: str | None = None  # CSV list cells "a|b|c"; None: JSON arrays
+    max_reject_fraction: float = 0.5  # fail the job above this share of rejected records
+    num_shards: int = 0  # example files; 0: the runner decides
+    run_id: str = ""  # set by run(); every file of the output carries it
 
     def __post_init__(self):
         if self.split not in ("time", "last"):
@@ -78,6 +101,36 @@ class PreprocessConfig:
             raise ValueError("valid_fraction + test_fraction must be < 1")
         if self.split_times and len(self.split_times) != 2:
             raise ValueError("split_times must be (t_valid, t_test)")
+        if self.timestamp_unit not in SECONDS_PER_UNIT:
+            raise ValueError(
+                f"timestamp_unit must be one of {', '.join(SECONDS_PER_UNIT)}, "
+                f"got {self.timestamp_unit!r}"
+            )
+        if not -MAX_INT64 <= self.min_timestamp < self.max_timestamp <= MAX_INT64:
+            raise ValueError(
+                "min_timestamp must be < max_timestamp, both within int64 "
+                f"(got {self.min_timestamp}, {self.max_timestamp})"
+            )
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(
+                f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}"
+            )
+        if self.max_query_chars < 1 or self.num_shards < 0:
+            raise ValueError("max_query_chars must be >= 1 and num_shards >= 0")
+        if self.list_separator is not None and (
+            not self.list_separator or self.list_separator.strip() in ('"', "[", "]")
+        ):
+            raise ValueError(f"list_separator cannot be {self.list_separator!r}")
+
+    @property
+    def rules(self) -> ParseRules:
+        return ParseRules(
+            timestamp_unit=self.timestamp_unit,
+            min_timestamp=self.min_timestamp,
+            max_timestamp=self.max_timestamp,
+            max_query_chars=self.max_query_chars,
+            list_separator=self.list_separator,
+        )
 
 
 def cutoffs_from_quantiles(quantiles: list, valid_fraction: float, test_fraction: float):
@@ -90,93 +143,30 @@ def cutoffs_from_quantiles(quantiles: list, valid_fraction: float, test_fraction
     return (int(t_valid), int(t_test))
 
 
-def _percentiles(values: list[int]) -> dict:
-    if not values:
-        return {}
-    arr = np.asarray(values)
-    return {f"p{q}": float(np.percentile(arr, q)) for q in (0, 50, 90, 99, 100)}
-
-
-class _Summarise(beam.DoFn):
-    """Writes ``schema.json`` and the pipeline's part of ``stats.json``."""
-
-    def __init__(self, config: PreprocessConfig):
-        self._config = config
-
-    def process(self, sizes, user_stats, tallies, rejected, split_times, vocabs):
-        cfg = self._config
-        data_spec = spec.DataSpec(
-            num_items=sizes["num_items"],
-            num_attributes=sizes["num_attributes"],
-            num_query_tokens=sizes["num_query_tokens"],
-            num_queries=sizes["num_queries"],
-            max_attributes=cfg.max_attributes,
-            max_query_tokens=cfg.max_query_tokens,
-            text_dim=sizes["text_dim"],
-            image_dim=sizes["image_dim"],
-            query_text_dim=sizes["query_text_dim"],
-            max_len=cfg.max_len,
-            chunk_size=cfg.chunk_size,
-            split_mode=cfg.split,
-            split_times=tuple(split_times or ()),
-        )
-        _write_json(FileSystems.join(cfg.out_dir, spec.SCHEMA_FILE), data_spec.to_json())
-        lengths = [u[0] for u in user_stats]
-        targets = np.sum([u[1] for u in user_stats], axis=0) if user_stats else np.zeros(3)
-        clicks = np.sum([u[2] for u in user_stats], axis=0) if user_stats else np.zeros(3)
-        tally = dict(tallies)
-        rejected_by = {}
-        for (stage, reason), n in rejected:
-            rejected_by.setdefault(stage, {})[reason] = n
-        rejected_events = sum(rejected_by.get("events", {}).values())
-        used = int(sum(lengths))
-        unreadable = sum(
-            n for (stage, reason), n in rejected if stage == "events" and reason.startswith("read_")
-        )
-        parsed = tally.get("events_parsed", 0) + unreadable
-        stats = {
-            "input_events": int(parsed),
-            "used_events": used,
-            "rejected_events": int(rejected_events),
-            "accounting_ok": int(parsed) == used + int(rejected_events),
-            "users": len(lengths),
-            "events_per_user": _percentiles(lengths),
-            "targets_per_split": {name: int(targets[i]) for i, name in enumerate(spec.SPLIT_NAMES)},
-            "clicks_per_split": {name: int(clicks[i]) for i, name in enumerate(spec.SPLIT_NAMES)},
-            "chunks": int(sum(u[3] for u in user_stats)),
-            "prefix_events": int(sum(u[4] for u in user_stats)),
-            "rejected": rejected_by,
-            "vocab_sizes": {k: len(v) for k, v in vocabs.items()},
-            "tables": sizes,
-            "split": {"mode": cfg.split, "split_times": list(split_times or ())},
-        }
-        _write_json(FileSystems.join(cfg.out_dir, "_pipeline_stats.json"), stats)
-        yield stats
-
-
-def _write_json(path: str, obj) -> None:
-    with FileSystems.create(path) as f:
-        f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
-
-
-def _rejection_key(r: dict):
-    return (r["stage"], r["reason"].split(":")[0])
-
-
 class CleanTable(beam.PTransform):
     """Raw rows of a keyed vector table (items, query vectors) -> clean ``(key, row)``.
 
-    validate -> drop duplicate keys (one kept, deterministically) -> reject rows whose
-    vectors do not have the table's most common width. Returns ``{"valid", "rejected",
-    "dims"}``, ``dims`` a single ``{field: width}`` element.
+    validate -> drop duplicate keys (the first seen is kept) -> check vector widths against
+    the table's most common width (items: drop the vector; query vectors: reject the row).
+    Returns ``{"valid", "rejected", "dims"}``, ``dims`` a single ``{field: width}`` element.
     """
 
-    def __init__(self, validate: beam.DoFn, stage: str, key_field: str, vector_fields: tuple):
+    def __init__(
+        self,
+        validate: beam.DoFn,
+        stage: str,
+        key_field: str,
+        vector_fields: tuple,
+        sources: Sources,
+        drop_field: bool,
+    ):
         super().__init__()
         self._validate = validate
         self._stage = stage
         self._key_field = key_field
         self._vector_fields = tuple(vector_fields)
+        self._sources = sources
+        self._drop_field = drop_field
 
     def expand(self, rows):
         fields = self._vector_fields
@@ -185,9 +175,9 @@ class CleanTable(beam.PTransform):
             valid.valid
             | "GroupByKey" >> beam.GroupByKey()
             | "DropDuplicates"
-            >> beam.ParDo(KeepFirstPerKey(self._stage, self._key_field)).with_outputs(
-                REJECTED, main="valid"
-            )
+            >> beam.ParDo(
+                KeepFirstPerKey(self._stage, self._key_field, self._sources)
+            ).with_outputs(REJECTED, main="valid")
         )
         dims = (
             unique.valid
@@ -197,12 +187,19 @@ class CleanTable(beam.PTransform):
             | "Dims" >> beam.Map(dims_from_counts)
         )
         checked = unique.valid | "CheckDims" >> beam.ParDo(
-            CheckVectorDims(self._stage, fields), beam.pvalue.AsSingleton(dims)
+            CheckVectorDims(self._stage, fields, self._sources, self._drop_field),
+            beam.pvalue.AsSingleton(dims),
         ).with_outputs(REJECTED, main="valid")
         rejected = (valid[REJECTED], unique[REJECTED], checked[REJECTED]) | (
             "FlattenRejected" >> beam.Flatten()
         )
-        return {"valid": checked.valid, "rejected": rejected, "dims": dims}
+        stage = self._stage
+        used = checked.valid | "CountUsed" >> beam.Map(lambda _: (("used", stage), 1))
+        return {"valid": checked.valid, "rejected": rejected, "dims": dims, "used": used}
+
+
+def _rejected_to_json(r: dict) -> str:
+    return json.dumps(r, default=repr, sort_keys=True, ensure_ascii=False)
 
 
 class Preprocess(beam.PTransform):
@@ -215,22 +212,31 @@ class Preprocess(beam.PTransform):
     def expand(self, pbegin):
         cfg = self._cfg
         out = cfg.out_dir
+        rules = cfg.rules
+        event_sources, item_sources = Sources(cfg.events), Sources(cfg.items)
 
         raw_events = pbegin | "ReadEvents" >> ReadRecords(cfg.events, "events")
         raw_items = pbegin | "ReadItems" >> ReadRecords(cfg.items, "items")
+        reads = [raw_events, raw_items]
 
         # Items (and optional query vectors): validate, de-duplicate, check vector widths.
         items = raw_items["records"] | "CleanItems" >> CleanTable(
-            ValidateItems(), "items", "item_id", spec.ITEM_VECTOR_FIELDS
-        )
-        rejected_parts = [raw_events[REJECTED], raw_items[REJECTED], items["rejected"]]
+            ValidateItems(rules, item_sources), "items", "item_id", spec.ITEM_VECTOR_FIELDS,
+            item_sources, drop_field=True,
+        )  # fmt: skip
+        rejected_parts = [items["rejected"]]
+        counted = [items["used"]]
         if cfg.queries:
+            query_sources = Sources(cfg.queries)
             raw_queries = pbegin | "ReadQueries" >> ReadRecords(cfg.queries, "queries")
+            reads.append(raw_queries)
             clean_queries = raw_queries["records"] | "CleanQueries" >> CleanTable(
-                ValidateQueryVectors(), "queries", "query", ("text_embedding",)
-            )
+                ValidateQueryVectors(rules, query_sources), "queries", "query",
+                ("text_embedding",), query_sources, drop_field=False,
+            )  # fmt: skip
             queries = clean_queries["valid"]
-            rejected_parts += [raw_queries[REJECTED], clean_queries["rejected"]]
+            rejected_parts.append(clean_queries["rejected"])
+            counted.append(clean_queries["used"])
             query_dims = clean_queries["dims"] | "RenameQueryDims" >> beam.Map(
                 lambda d: {"query_text_embedding": d.get("text_embedding", 0)}
             )
@@ -243,14 +249,18 @@ class Preprocess(beam.PTransform):
         else:
             queries = pbegin | "NoQueries" >> beam.Create([])
             dims = items["dims"]
+        for read in reads:
+            rejected_parts.append(read[REJECTED])
+            counted.append(read[TALLY])
+        warnings = [read[WARNINGS] for read in reads] | "FlattenWarnings" >> beam.Flatten()
 
         # Events: validate, join the catalog, count vocabularies and timestamps.
         events = raw_events["records"] | "ValidateEvents" >> beam.ParDo(
-            ValidateEvents()
-        ).with_outputs(REJECTED, TALLY, main="valid")
+            ValidateEvents(rules, event_sources)
+        ).with_outputs(REJECTED, main="valid")
         catalog = items["valid"] | "CatalogIds" >> beam.Map(lambda kv: kv[0])
         joined = events.valid | "JoinItems" >> beam.ParDo(
-            JoinCatalog(cfg.max_query_tokens), beam.pvalue.AsList(catalog)
+            JoinCatalog(cfg.max_query_tokens, event_sources), beam.pvalue.AsList(catalog)
         ).with_outputs(REJECTED, COUNTS, TIMESTAMP_BATCH, main="valid")
         rejected_parts += [events[REJECTED], joined[REJECTED]]
 
@@ -281,65 +291,85 @@ class Preprocess(beam.PTransform):
             split_times = pbegin | "NoSplitTimes" >> beam.Create([()])
 
         seqs = joined.valid | "BuildUserSequences" >> BuildUserSequences(
-            vocabs, split_times, cfg.max_len, cfg.chunk_size, cfg.max_query_tokens, cfg.split
-        )
+            vocabs, split_times, cfg.max_len, cfg.chunk_size, cfg.max_query_tokens, cfg.split,
+            event_sources,
+        )  # fmt: skip
+        rejected_parts.append(seqs["rejected"])
         _ = seqs["examples"] | "WriteExamples" >> beam.io.WriteToTFRecord(
-            FileSystems.join(out, spec.EXAMPLES_DIR, "part"), file_name_suffix=".tfrecord"
+            FileSystems.join(out, spec.EXAMPLES_DIR, "part"),
+            file_name_suffix=".tfrecord",
+            num_shards=cfg.num_shards,
         )
 
         rejected = rejected_parts | "FlattenRejected" >> beam.Flatten()
         _ = (
             rejected
-            | "RejectedToJson" >> beam.Map(lambda r: json.dumps(r, default=repr, sort_keys=True))
+            | "RejectedToJson" >> beam.Map(_rejected_to_json)
             | "WriteRejected"
             >> beam.io.WriteToText(
                 FileSystems.join(out, spec.REJECTED_DIR, "rejected"), file_name_suffix=".jsonl"
             )
         )
-        rejected_counts = (
-            rejected
-            | "RejectionKey" >> beam.Map(lambda r: (_rejection_key(r), 1))
-            | "CountRejections" >> beam.CombinePerKey(sum)
+        rejection_counts = rejected | "RejectionKey" >> beam.Map(
+            lambda r: (("rejected", *rejection_key(r)), 1)
         )
-        tallies = events[TALLY] | "SumTallies" >> beam.CombinePerKey(sum)
+        counts = (
+            [rejection_counts, *counted]
+            | "FlattenTallies" >> beam.Flatten()
+            | "SumTallies" >> beam.CombinePerKey(sum)
+        )
         stats = sizes | "Summarise" >> beam.ParDo(
-            _Summarise(cfg),
+            Summarise(cfg),
             beam.pvalue.AsList(seqs[USER_STATS]),
-            beam.pvalue.AsList(tallies),
-            beam.pvalue.AsList(rejected_counts),
+            beam.pvalue.AsList(counts),
             beam.pvalue.AsSingleton(split_times),
             beam.pvalue.AsSingleton(vocabs),
+            beam.pvalue.AsList(warnings),
         )
         return {"examples": seqs["examples"], "rejected": rejected, "stats": stats}
 
 
-def run(config: PreprocessConfig, beam_args: list[str] | None = None) -> dict:
-    """Runs the graph and completes ``stats.json`` (output bytes per event, timings)."""
+def run(
+    config: PreprocessConfig,
+    beam_args: list[str] | None = None,
+    layout: output.OutputLayout | None = None,
+) -> dict:
+    """Runs the graph into a temporary directory, completes ``stats.json``, then moves the
+    output into place; raises :class:`PreprocessFailed` (the run kept as
+    ``OUT.failed-<run_id>``) when more than ``max_reject_fraction`` of the input is rejected.
+
+    ``layout``: from :func:`preprocessing.output.prepare_output` when the caller writes into
+    the run's directory first (the MovieLens adapter's converted raw tables); default: a new
+    one for ``config.out_dir``.
+    """
     beam_args = list(beam_args or [])
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args += [f"--runner={FNAPI_RUNNER}"]
     if not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
         beam_args += ["--default_sdk_harness_log_level=WARNING"]
     options = PipelineOptions(beam_args)
+    layout = layout or output.prepare_output(config.out_dir, config.overwrite)
+    run_cfg = dataclasses.replace(config, out_dir=layout.tmp, run_id=layout.run_id)
     t0 = time.time()
-    log.info("preprocess: building graph (events=%s items=%s)", config.events, config.items)
-    with beam.Pipeline(options=options) as p:
-        _ = p | "Preprocess" >> Preprocess(config)
-    elapsed = time.time() - t0
-    return finish_stats(config.out_dir, elapsed)
-
-
-def finish_stats(out_dir: str, elapsed: float) -> dict:
-    part = FileSystems.join(out_dir, "_pipeline_stats.json")
-    with FileSystems.open(part) as f:
-        stats = json.loads(f.read().decode("utf-8"))
-    matches = FileSystems.match([FileSystems.join(out_dir, spec.EXAMPLES_DIR, "*.tfrecord")])
-    example_bytes = sum(m.size_in_bytes for m in matches[0].metadata_list)
-    stats["output_files"] = len(matches[0].metadata_list)
-    stats["output_bytes"] = example_bytes
-    stats["output_bytes_per_event"] = example_bytes / max(1, stats["used_events"])
-    stats["seconds"] = round(elapsed, 2)
-    stats["events_per_second"] = round(stats["input_events"] / max(elapsed, 1e-9), 1)
-    _write_json(FileSystems.join(out_dir, spec.STATS_FILE), stats)
-    FileSystems.delete([part])
+    log.info(
+        "preprocess: run %s into %s (events=%s items=%s)",
+        layout.run_id, layout.tmp, config.events, config.items,
+    )  # fmt: skip
+    try:
+        with beam.Pipeline(options=options) as p:
+            _ = p | "Preprocess" >> Preprocess(run_cfg)
+        stats = finish_stats(layout.tmp, time.time() - t0)
+    except BaseException:
+        output.discard(layout)
+        raise
+    for warning in stats.get("warnings", []):
+        log.warning("preprocess: %s", warning)
+    failure = check_failure(stats, config.max_reject_fraction)
+    if not failure and not stats["accounting_ok"]:
+        failure = f"record accounting failed: input != used + rejected ({stats['accounting']})"
+    if failure:
+        failed = output.keep_failed(layout)
+        rejected = FileSystems.join(failed, spec.REJECTED_DIR)
+        raise PreprocessFailed(f"{failure}; dead letters: {rejected}/, stats: {failed}/stats.json")
+    output.commit(layout)
     return stats

@@ -28,6 +28,20 @@ from seminar_tf.text import normalize_query, tokenize_query
 USER_STATS = "user_stats"
 
 
+def drop_duplicate_events(events) -> tuple[list, list]:
+    """``(kept, duplicates)``: events equal in (timestamp, item_id, query, label) to an
+    earlier one are duplicates; the first seen (smallest location, when events carry one as
+    their 5th element) is kept, so the result does not depend on the shuffle order."""
+    ordered = sorted(events, key=lambda e: (e[:4], e[4] if len(e) > 4 and e[4] is not None else -1))
+    kept, duplicates = [], []
+    for event in ordered:
+        if kept and kept[-1][:4] == event[:4]:
+            duplicates.append(event)
+        else:
+            kept.append(event)
+    return kept, duplicates
+
+
 def sort_events(events) -> dict[str, np.ndarray]:
     """Events ``[(ts, item_id, query, label)]`` -> columns sorted by (timestamp, item_id).
 
@@ -93,15 +107,23 @@ def chunk_bounds(
 class EncodeUserSequence(beam.DoFn):
     """``(user_id, events)`` -> serialised ``tf.train.Example`` chunks (main output) and one
     ``(n_events, targets per split, clicks per split, n_chunks, n_prefix)`` per user
-    (``user_stats`` output)."""
+    (``user_stats`` output); exact duplicate events leave as dead letters (``rejected``)."""
 
-    def __init__(self, max_len: int, chunk_size: int, max_query_tokens: int, split_mode: str):
+    def __init__(
+        self,
+        max_len: int,
+        chunk_size: int,
+        max_query_tokens: int,
+        split_mode: str,
+        sources=None,
+    ):
         if chunk_size < 1 or max_len < 1:
             raise ValueError("chunk_size and max_len must be >= 1")
         self._max_len = max_len
         self._chunk_size = chunk_size
         self._q = max_query_tokens
         self._split_mode = split_mode
+        self._sources = sources
         self._lookups = None
         self._chunks = Metrics.counter("seminar", "sequence_chunks")
 
@@ -134,8 +156,19 @@ class EncodeUserSequence(beam.DoFn):
         return query_ids, tokens
 
     def process(self, element, vocabs, split_times):
+        from preprocessing.io import REJECTED, rejection
+        from preprocessing.validate import event_record
+
         user_id, events = element
         lookups = self._lookup(vocabs)
+        events, duplicates = drop_duplicate_events(events)
+        for dup in duplicates:
+            loc = dup[4] if len(dup) > 4 else None
+            where = self._sources.describe(loc) if self._sources is not None else "unknown"
+            record = event_record(user_id, dup)
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection("events", "duplicate_event", None, record, where)
+            )
         cols = sort_events(events)
         n = len(cols["timestamp"])
         split = tag_splits(cols["timestamp"], self._split_mode, tuple(split_times or ()))
@@ -166,9 +199,12 @@ class EncodeUserSequence(beam.DoFn):
 
 
 class BuildUserSequences(beam.PTransform):
-    """Keyed events -> group by user -> sort -> tag splits -> encode -> chunked Examples.
+    """Keyed events -> group by user -> drop exact duplicates -> sort -> tag splits -> encode
+    -> chunked Examples.
 
-    Returns ``{"examples": bytes, "user_stats": tuples}``.
+    Returns ``{"examples": bytes, "user_stats": tuples, "rejected": duplicate events}``.
+    Duplicates are found here, where a user's events are together anyway (no extra
+    shuffle); the vocabulary counts and split quantiles, taken before, count their copies.
     """
 
     def __init__(
@@ -179,11 +215,12 @@ class BuildUserSequences(beam.PTransform):
         chunk_size: int,
         max_query_tokens: int,
         split_mode: str,
+        sources=None,
     ):
         super().__init__()
         self._vocabs = vocabs
         self._split_times = split_times
-        self._fn = EncodeUserSequence(max_len, chunk_size, max_query_tokens, split_mode)
+        self._fn = EncodeUserSequence(max_len, chunk_size, max_query_tokens, split_mode, sources)
 
     def expand(self, keyed_events):
         out = (
@@ -194,6 +231,6 @@ class BuildUserSequences(beam.PTransform):
                 self._fn,
                 beam.pvalue.AsSingleton(self._vocabs),
                 beam.pvalue.AsSingleton(self._split_times),
-            ).with_outputs(USER_STATS, main="examples")
+            ).with_outputs(USER_STATS, "rejected", main="examples")
         )
-        return {"examples": out.examples, USER_STATS: out[USER_STATS]}
+        return {"examples": out.examples, USER_STATS: out[USER_STATS], "rejected": out.rejected}

@@ -1,134 +1,50 @@
-"""Validation of raw records against the data contract (``seminar_tf.spec``).
+"""Validation DoFns: raw records against the data contract (rules in ``preprocessing.rules``).
 
-Each validator returns either the clean value or a ``(reason, field)`` pair; the DoFns route
-refusals to the ``rejected`` output with the record, so nothing is ever dropped silently.
+Refusals go to the ``rejected`` output as dead letters with the reason, the field at fault and
+the record's source location, so nothing is ever dropped silently. A record is rejected only
+for its own faults; a bad item vector drops that vector, not the item (a dead letter with
+``dropped: "field"``).
+
+Elements: readers give ``(loc, record)``; events leave as ``(user_id, (timestamp, item_id,
+query, label, loc))``, items and query vectors as ``(key, (loc, row))`` until the width check,
+which emits ``(key, row)``.
 """
 
 from __future__ import annotations
 
-import math
+import typing
 from collections import Counter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from preprocessing.io import REJECTED, rejection
+from preprocessing.io import REJECTED, Sources, rejection
+from preprocessing.rules import (  # noqa: F401  (parse_* re-exported for callers and tests)
+    DEFAULT_RULES,
+    Invalid,
+    ParseRules,
+    parse_event,
+    parse_item,
+    parse_query_vector,
+)
 from seminar_tf.text import normalize_query
 
 TIMESTAMP_BATCH = "timestamps"
-TALLY = "tally"
 COUNTS = "counts"
+# Main outputs are (key, value) pairs; declared, because Beam's inference from a generator
+# that also yields TaggedOutputs gives a Union that GroupByKey refuses.
+_KEYED = tuple[str, typing.Any]
 
 
-class Invalid(Exception):
-    def __init__(self, reason: str, field: str | None):
-        super().__init__(reason)
-        self.reason = reason
-        self.field = field
+def _split(element):
+    """``(loc, record)`` from a reader, or a bare record (then the location is unknown)."""
+    if isinstance(element, tuple) and len(element) == 2 and isinstance(element[1], dict):
+        return element
+    return None, element
 
 
-def _required_str(record: dict, field: str) -> str:
-    value = record.get(field)
-    if value is None:
-        raise Invalid("missing_field", field)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise Invalid("not_a_string", field)
-    value = str(value).strip()
-    if not value:
-        raise Invalid("empty_field", field)
-    return value
-
-
-def _int(record: dict, field: str) -> int:
-    value = record.get(field)
-    if value is None or value == "":
-        raise Invalid("missing_field", field)
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise Invalid("not_an_integer", field)
-        return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise Invalid("not_an_integer", field) from None
-
-
-def parse_event(record: dict) -> tuple[str, int, str, str, int]:
-    """``(user_id, timestamp, item_id, query, label)`` from a raw event, or raises Invalid."""
-    if not isinstance(record, dict):
-        raise Invalid("not_a_record", None)
-    user_id = _required_str(record, "user_id")
-    timestamp = _int(record, "timestamp")
-    if timestamp < 0:
-        raise Invalid("negative_timestamp", "timestamp")
-    item_id = _required_str(record, "item_id")
-    query = record.get("query")
-    if query is None:
-        query = ""
-    if isinstance(query, bytes):
-        query = query.decode("utf-8", "replace")
-    if not isinstance(query, str):
-        raise Invalid("not_a_string", "query")
-    label = _int(record, "label")
-    if label not in (0, 1):
-        raise Invalid("label_not_0_or_1", "label")
-    return user_id, timestamp, item_id, query, label
-
-
-def _vector(record: dict, field: str) -> list[float]:
-    value = record.get(field)
-    if value is None:
-        return []
-    if not isinstance(value, (list, tuple)):
-        if hasattr(value, "tolist"):
-            value = value.tolist()
-        else:
-            raise Invalid("not_a_list", field)
-    try:
-        out = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise Invalid("not_a_float_list", field) from None
-    if not all(math.isfinite(v) for v in out):
-        raise Invalid("non_finite_value", field)
-    return out
-
-
-def parse_item(record: dict) -> dict:
-    """A clean item dict (item_id, text, attributes, text_embedding, image_embedding)."""
-    if not isinstance(record, dict):
-        raise Invalid("not_a_record", None)
-    item_id = _required_str(record, "item_id")
-    text = record.get("text") or ""
-    if not isinstance(text, str):
-        raise Invalid("not_a_string", "text")
-    attributes = record.get("attributes")
-    if attributes is None:
-        attributes = []
-    if hasattr(attributes, "tolist"):
-        attributes = attributes.tolist()
-    if not isinstance(attributes, (list, tuple)) or not all(isinstance(a, str) for a in attributes):
-        raise Invalid("not_a_string_list", "attributes")
-    return {
-        "item_id": item_id,
-        "text": text,
-        "attributes": [a.strip() for a in attributes if a.strip()],
-        "text_embedding": _vector(record, "text_embedding"),
-        "image_embedding": _vector(record, "image_embedding"),
-    }
-
-
-def parse_query_vector(record: dict) -> dict:
-    if not isinstance(record, dict):
-        raise Invalid("not_a_record", None)
-    query = normalize_query(_required_str(record, "query"))
-    vector = _vector(record, "text_embedding")
-    if not vector:
-        raise Invalid("missing_field", "text_embedding")
-    return {"query": query, "text_embedding": vector}
+def _describe(sources: Sources | None, loc) -> str:
+    return sources.describe(loc) if sources is not None else "unknown"
 
 
 def _global(value):
@@ -140,35 +56,33 @@ def _global(value):
     return WindowedValue(value, GlobalWindow().max_timestamp(), [GlobalWindow()])
 
 
+def event_record(user_id: str, event: tuple) -> dict:
+    """A validated event back as a record, for its dead letter."""
+    ts, item_id, query, label = event[:4]
+    return {"user_id": user_id, "timestamp": ts, "item_id": item_id, "query": query, "label": label}
+
+
+@beam.typehints.with_output_types(_KEYED)
 class ValidateEvents(beam.DoFn):
-    """Raw event dicts -> ``(user_id, (timestamp, item_id, query, label))``.
+    """Raw events -> ``(user_id, (timestamp, item_id, query, label, loc))``."""
 
-    Emits the number of records it saw once per bundle (``tally`` output) for the
-    input = used + rejected accounting.
-    """
-
-    def __init__(self):
+    def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
+        self._rules = rules
+        self._sources = sources
         self._rejected = Metrics.counter("seminar", "events_rejected")
-        self._valid = Metrics.counter("seminar", "events_valid")
 
-    def start_bundle(self):
-        self._seen = 0
-
-    def process(self, record):
-        self._seen += 1
+    def process(self, element):
+        loc, record = _split(element)
         try:
-            user_id, ts, item_id, query, label = parse_event(record)
+            user_id, ts, item_id, query, label = parse_event(record, self._rules)
         except Invalid as e:
             self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection("events", e.reason, e.field, record))
+            where = _describe(self._sources, loc)
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection("events", e.reason, e.field, record, where)
+            )
             return
-        self._valid.inc()
-        yield user_id, (ts, item_id, query, label)
-
-    def finish_bundle(self):
-        if self._seen:
-            yield beam.pvalue.TaggedOutput(TALLY, _global(("events_parsed", self._seen)))
-        self._seen = 0
+        yield user_id, (ts, item_id, query, label, loc)
 
 
 class JoinCatalog(beam.DoFn):
@@ -180,8 +94,9 @@ class JoinCatalog(beam.DoFn):
     vocabulary counts off the per-event path.
     """
 
-    def __init__(self, max_query_tokens: int):
+    def __init__(self, max_query_tokens: int, sources: Sources | None = None):
         self._max_query_tokens = max_query_tokens
+        self._sources = sources
         self._rejected = Metrics.counter("seminar", "events_item_not_in_catalog")
         self._catalog = None
 
@@ -194,18 +109,16 @@ class JoinCatalog(beam.DoFn):
 
         if self._catalog is None:
             self._catalog = frozenset(catalog)
-        user_id, (ts, item_id, query, label) = element
+        user_id, event = element
+        ts, item_id, query = event[:3]
         if item_id not in self._catalog:
             self._rejected.inc()
-            record = {
-                "user_id": user_id,
-                "timestamp": ts,
-                "item_id": item_id,
-                "query": query,
-                "label": label,
-            }
+            where = _describe(self._sources, event[4] if len(event) > 4 else None)
             yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection("events", "item_not_in_catalog", "item_id", record)
+                REJECTED,
+                rejection(
+                    "events", "item_not_in_catalog", "item_id", event_record(user_id, event), where
+                ),
             )
             return
         self._timestamps.append(ts)
@@ -225,82 +138,134 @@ class JoinCatalog(beam.DoFn):
         self._timestamps = []
 
 
+@beam.typehints.with_output_types(_KEYED)
 class ValidateItems(beam.DoFn):
-    """Raw item dicts -> ``(item_id, clean item)``; bad ones go to ``rejected``."""
+    """Raw items -> ``(item_id, (loc, clean item))``; a bad record goes to ``rejected``, a
+    bad vector is dropped from the item and reported (``dropped: "field"``)."""
 
-    def process(self, record):
+    def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
+        self._rules = rules
+        self._sources = sources
+
+    def process(self, element):
+        loc, record = _split(element)
+        where = _describe(self._sources, loc)
         try:
-            item = parse_item(record)
-        except Invalid as e:
-            yield beam.pvalue.TaggedOutput(REJECTED, rejection("items", e.reason, e.field, record))
-            return
-        yield item["item_id"], item
-
-
-class ValidateQueryVectors(beam.DoFn):
-    def process(self, record):
-        try:
-            row = parse_query_vector(record)
+            item, dropped = parse_item(record, self._rules)
         except Invalid as e:
             yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection("queries", e.reason, e.field, record)
+                REJECTED, rejection("items", e.reason, e.field, record, where)
             )
             return
-        yield row["query"], row
+        for e in dropped:
+            yield beam.pvalue.TaggedOutput(
+                REJECTED,
+                rejection("items", e.reason, e.field, record, where, dropped="field"),
+            )
+        yield item["item_id"], (loc, item)
 
 
+@beam.typehints.with_output_types(_KEYED)
+class ValidateQueryVectors(beam.DoFn):
+    """Raw query-vector rows -> ``(normalised query, (loc, row))``."""
+
+    def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
+        self._rules = rules
+        self._sources = sources
+
+    def process(self, element):
+        loc, record = _split(element)
+        try:
+            row = parse_query_vector(record, self._rules)
+        except Invalid as e:
+            where = _describe(self._sources, loc)
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection("queries", e.reason, e.field, record, where)
+            )
+            return
+        yield row["query"], (loc, row)
+
+
+def _order(entry) -> tuple:
+    loc = entry[0]
+    return (loc is None, loc if loc is not None else 0, repr(entry[1]))
+
+
+@beam.typehints.with_output_types(_KEYED)
+class KeepFirstPerKey(beam.DoFn):
+    """After a GroupByKey: keeps the first-seen row per key (input order: files as listed,
+    then line or row; the shuffle order does not matter). Later copies equal to it are
+    rejected as ``identical_duplicate``, different ones as ``conflicting_duplicate`` naming
+    the differing fields and the kept row's location."""
+
+    def __init__(self, stage: str, field: str, sources: Sources | None = None):
+        self._stage = stage
+        self._field = field
+        self._sources = sources
+
+    def process(self, element):
+        key, entries = element
+        entries = sorted(entries, key=_order)
+        kept_loc, kept = entries[0]
+        for loc, row in entries[1:]:
+            where = _describe(self._sources, loc)
+            if row == kept:
+                reason = "identical_duplicate"
+            else:
+                diff = ", ".join(sorted(f for f in kept if kept.get(f) != row.get(f)))
+                kept_at = _describe(self._sources, kept_loc)
+                reason = f"conflicting_duplicate: differs in {diff} from the row kept at {kept_at}"
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection(self._stage, reason, self._field, row, where)
+            )
+        yield key, (kept_loc, kept)
+
+
+@beam.typehints.with_output_types(_KEYED)
 class CheckVectorDims(beam.DoFn):
-    """Rejects rows whose vectors do not have the data set's dimension (the side input).
+    """Vectors whose length is not the data set's dimension (the side input): the vector is
+    dropped (``drop_field``, items: the item keeps its other modalities) or the row rejected
+    (query vectors, whose vector is the whole payload). Emits ``(key, row)``.
 
     The expected dimension of each vector field is the most common non-zero length, so a few
     corrupt rows never redefine the table's width.
     """
 
-    def __init__(self, stage: str, fields: tuple[str, ...]):
+    def __init__(
+        self,
+        stage: str,
+        fields: tuple[str, ...],
+        sources: Sources | None = None,
+        drop_field: bool = True,
+    ):
         self._stage = stage
         self._fields = fields
+        self._sources = sources
+        self._drop_field = drop_field
 
     def process(self, element, dims):
-        key, row = element
+        key, (loc, row) = element
         for field in self._fields:
             n = len(row[field])
-            if n and n != dims.get(field, 0):
-                yield beam.pvalue.TaggedOutput(
-                    REJECTED,
-                    rejection(
-                        self._stage,
-                        f"wrong_vector_length: {n}, expected {dims.get(field, 0)}",
-                        field,
-                        row,
-                    ),
-                )
+            if not n or n == dims.get(field, 0):
+                continue
+            reason = f"wrong_vector_length: {n}, expected {dims.get(field, 0)}"
+            where = _describe(self._sources, loc)
+            dropped = "field" if self._drop_field else "record"
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection(self._stage, reason, field, row, where, dropped=dropped)
+            )
+            if not self._drop_field:
                 return
+            row = {**row, field: []}
         yield key, row
 
 
-class KeepFirstPerKey(beam.DoFn):
-    """After a GroupByKey: keeps one row per key (the smallest by repr, so it is deterministic
-    whatever the shuffle order) and rejects the duplicates."""
-
-    def __init__(self, stage: str, field: str):
-        self._stage = stage
-        self._field = field
-
-    def process(self, element):
-        key, rows = element
-        rows = sorted(rows, key=repr)
-        for dup in rows[1:]:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection(self._stage, "duplicate_key", self._field, dup)
-            )
-        yield key, rows[0]
-
-
 def vector_lengths(fields: tuple[str, ...]):
-    """``(key, row)`` -> ``((field, length), 1)`` for each present vector, to be summed."""
+    """``(key, (loc, row))`` -> ``((field, length), 1)`` for each present vector."""
 
     def lengths(element):
-        _, row = element
+        _, (_, row) = element
         return [((f, len(row[f])), 1) for f in fields if row[f]]
 
     return lengths

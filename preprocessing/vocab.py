@@ -10,6 +10,7 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from preprocessing.rules import has_line_break
 from seminar_tf.spec import NUM_RESERVED_IDS, VOCAB_DIR, VOCAB_FILES
 
 VOCAB_KINDS = tuple(VOCAB_FILES)
@@ -52,8 +53,13 @@ class _WriteVocabularyFiles(beam.DoFn):
     def process(self, vocabs):
         for kind, values in vocabs.items():
             path = FileSystems.join(self._out_dir, VOCAB_DIR, VOCAB_FILES[kind])
+            broken = [v for v in values if has_line_break(v)]
+            if broken:
+                # Validation rejects such ids and normalisation collapses such queries; a value
+                # reaching this point would shift every later id of the file by a line.
+                raise ValueError(f"vocabulary {kind}: value with a line break: {broken[0]!r}")
             with FileSystems.create(path) as f:
-                f.write("".join(v.replace("\n", " ") + "\n" for v in values).encode("utf-8"))
+                f.write("".join(v + "\n" for v in values).encode("utf-8"))
             yield path
 
 

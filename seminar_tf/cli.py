@@ -1,16 +1,23 @@
 """The ``seminar`` command line.
 
-Errors a user can fix (bad paths, bad options, bad data) exit non-zero with one readable line;
-unknown options of ``seminar preprocess`` go to Beam, so ``--runner=DataflowRunner --project
-...`` works unchanged.
+Every option is checked before any work starts; errors a user can fix (bad paths, bad options,
+bad config values, bad data) exit non-zero with one readable line, never a traceback (``-v``
+shows it). Options of ``seminar preprocess`` and ``seminar score`` that are not ours go to
+Beam when Beam knows them (``--runner=DataflowRunner --project ...`` works unchanged); others
+are refused with the closest known name. Quiet by default: our stage lines (counts, timings)
+only; ``-v`` brings back TensorFlow's, Beam's and the other libraries' logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 
@@ -21,18 +28,269 @@ class UsageError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
+# ---------------------------------------------------------------------------------------------
+# quiet by default
+# ---------------------------------------------------------------------------------------------
+_QUIET_LOGGERS = {  # third-party loggers and the level they keep when not -v
+    "apache_beam": logging.WARNING,
+    "apache_beam.runners.portability.local_job_service": logging.ERROR,
+    "apitools": logging.ERROR,
+    "google.auth": logging.ERROR,
+    "google_auth_httplib2": logging.ERROR,
+    "oauth2client": logging.ERROR,
+    "faiss": logging.ERROR,
+    "absl": logging.WARNING,
+    "tensorflow": logging.ERROR,
+}
+_QUIET_WARNINGS = r"(keras|tensorflow|tf_keras|apache_beam|google|absl|faiss|pyarrow|sklearn)(\.|$)"
+
+
+@contextlib.contextmanager
+def _stderr_fd_to_devnull():
+    """Points file descriptor 2 at /dev/null (C++ logs) for the block; Python's sys.stderr
+    writes there too, so nothing of ours may be logged inside."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietLoader:
+    """Runs a module's loader with fd 2 on /dev/null: TensorFlow's shared libraries log a
+    few lines at load time (oneDNN, CUDA stubs), before TF_CPP_MIN_LOG_LEVEL is applied."""
+
+    def __init__(self, inner, finder):
+        self._inner, self._finder = inner, finder
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self._finder)  # once: the import is happening
+        module.__loader__ = module.__spec__.loader = self._inner
+        with _stderr_fd_to_devnull():
+            self._inner.exec_module(module)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _QuietTensorFlowImport:
+    """A ``sys.meta_path`` finder: the first ``import tensorflow`` (wherever it happens, if it
+    happens) loads with C++ start-up logging discarded; then the finder removes itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        import importlib.machinery
+
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader, self)
+        return spec
+
+
+class _LibraryFilter(logging.Filter):
+    """Drops third-party messages logged on the root logger (``logging.warning(...)`` at
+    import time, e.g. Beam's "apitools not found") below ERROR."""
+
+    def filter(self, record):
+        return record.name != "root" or record.levelno >= logging.ERROR
+
+
 def _setup_logging(verbose: bool) -> None:
+    """Logging and library noise: our ``seminar.*`` stage lines at INFO and the libraries'
+    warnings; with ``verbose``, everything at DEBUG (Beam at INFO) and TensorFlow's C++ logs
+    as TensorFlow's environment sets them."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
         force=True,
     )
-    # Beam and absl are chatty at INFO; keep our stage lines readable.
-    for noisy in ("apache_beam", "absl", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose:
+        for noisy in ("apache_beam", "urllib3", "matplotlib", "h5py", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
+        return
+    # Set before TensorFlow is imported (nothing imports it before main runs): 3 drops the
+    # C++ INFO/WARNING/ERROR lines, e.g. "failed call to cuInit ... (303)" on a machine without
+    # a GPU and oneDNN's int64 fallback note. A value the user set is kept.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules and not any(
+        isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryFilter())
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    import warnings
+
+    warnings.filterwarnings("ignore", module=_QUIET_WARNINGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# option checks
+# ---------------------------------------------------------------------------------------------
+def _number(kind, text: str, what: str, ok) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expects {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(int, text, "an integer >= 1", lambda v: v >= 1)
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(int, text, "an integer >= 0", lambda v: v >= 0)
+
+
+def seed(text: str) -> int:
+    """argparse type: a random seed, 0 <= seed < 2**32."""
+    return _number(int, text, "an integer in [0, 2**32)", lambda v: 0 <= v < 2**32)
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    return _number(int, text, "a port number in [0, 65535]", lambda v: 0 <= v <= 65535)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(float, text, "a number > 0", lambda v: v > 0)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    return _number(float, text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def closed_fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    return _number(float, text, "a fraction in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def _did_you_mean(name: str, known) -> str:
+    match = difflib.get_close_matches(name, sorted(set(known)), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list:
+    return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def _refuse_unknown(extra: list, known: list) -> None:
+    """UsageError for the first of ``extra`` (unparsed arguments): an unknown option, with
+    the closest of ``known``, or a stray value."""
+    for arg in extra:
+        if arg.startswith("-") and arg not in ("-", "--"):
+            name = arg.split("=", 1)[0]
+            raise UsageError(f"unknown option {name}{_did_you_mean(name, known)}")
+    raise UsageError(f"unexpected argument {extra[0]!r}")
+
+
+def _beam_option_parser():
+    """An argparse parser of every Beam pipeline option (all ``PipelineOptions``
+    subclasses, as Beam's own ``get_all_options`` collects them) that raises UsageError."""
+    from apache_beam.options import pipeline_options as po
+
+    class Parser(po._BeamArgumentParser):
+        def error(self, message):
+            raise UsageError(f"Beam option: {message}")
+
+    parser = Parser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    classes, todo = {}, [po.PipelineOptions]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            key = f"{cls.__module__}.{cls.__qualname__}"
+            if key not in classes:
+                classes[key] = cls
+                todo.append(cls)
+    for cls in classes.values():
+        with contextlib.suppress(argparse.ArgumentError, TypeError):
+            cls._add_argparse_args(parser)
+    return parser
+
+
+def _check_beam_options(extra: list, ours: list) -> None:
+    """Refuses options that neither we (``ours``) nor Beam know (Beam would only log
+    "Unparseable argument" and go on), and Beam options with bad values."""
+    _, unknown = _beam_option_parser().parse_known_args(extra)
+    if unknown:
+        # Options of runners whose module is imported only when the runner is picked.
+        for module in ("apache_beam.runners.dataflow.dataflow_runner",
+                       "apache_beam.runners.dask.dask_runner"):  # fmt: skip
+            with contextlib.suppress(Exception):
+                __import__(module)
+        parser = _beam_option_parser()
+        _, unknown = parser.parse_known_args(extra)
+        if unknown:
+            _refuse_unknown(unknown, ours + _option_strings(parser))
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and not action.required
+            and not any(default is v for v in (None, False, argparse.SUPPRESS))
+            and "%(default)" not in text
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Our parsers: no abbreviated options (``--epoch`` is refused, not taken for
+    ``--epochs``; Beam's options pass through whole), defaults in ``--help``, ``-v`` on every
+    command, and errors as one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+            help="debug logs, library and TensorFlow logs, and tracebacks of errors",
+        )  # fmt: skip
+
+    def error(self, message):
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:  # name the closest choice instead of listing them all
+            known = re.findall(r"'([^']*)'", choice.group(2))
+            match = difflib.get_close_matches(choice.group(1), known, n=1, cutoff=0.6)
+            message = (
+                message[: choice.start()]
+                + f"invalid choice {choice.group(1)!r}"
+                + (
+                    f" (did you mean {match[0]}?)"
+                    if match
+                    else f" (choose from {', '.join(known)})"
+                )
+            )
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +299,8 @@ def _setup_logging(verbose: bool) -> None:
 def _cmd_synth(args, extra) -> int:
     from seminar_tf.data import synth
 
+    if args.min_events > args.max_events:
+        raise UsageError(f"--min-events {args.min_events} exceeds --max-events {args.max_events}")
     cfg = synth.SynthConfig(
         num_users=args.users,
         num_items=args.items,
@@ -68,15 +328,31 @@ def _cmd_synth(args, extra) -> int:
 # seminar preprocess
 # ---------------------------------------------------------------------------------------------
 def _cmd_preprocess(args, beam_args) -> int:
+    from preprocessing.output import check_output, discard, prepare_output
     from preprocessing.pipeline import PreprocessConfig, run
     from seminar_tf.data import movielens
-    from seminar_tf.data.readers import resolve_files, write_tables
+    from seminar_tf.data.readers import DataError, resolve_files, write_tables
 
+    try:
+        check_output(args.out, args.overwrite)  # before any reading: refuse in one line
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    layout = None
     if args.format == "movielens":
         src = args.events
         t0 = time.time()
-        tables, counts = movielens.load(src)
-        paths = write_tables(tables, os.path.join(args.out, "raw"))
+        # The converted tables go into the run's own (temporary) directory: they land in
+        # OUT/raw with the rest, and an existing OUT is refused before converting.
+        try:
+            layout = prepare_output(args.out, args.overwrite)
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        try:
+            tables, counts = movielens.load(src)
+            paths = write_tables(tables, os.path.join(layout.tmp, "raw"))
+        except BaseException:
+            discard(layout)
+            raise
         log.info(
             "movielens: %d ratings -> events (%d with a tag as query, %d tags without rating "
             "dropped), %d items, in %.1fs",
@@ -120,13 +396,28 @@ def _cmd_preprocess(args, beam_args) -> int:
                 "query_token": args.min_token_count,
                 "query": args.min_query_count,
             },
+            overwrite=args.overwrite,
+            timestamp_unit=args.timestamp_unit,
+            min_timestamp=args.min_timestamp,
+            max_timestamp=args.max_timestamp,
+            max_reject_fraction=args.max_reject_fraction,
+            list_separator=args.list_separator,
+            max_query_chars=args.max_query_chars,
+            num_shards=args.num_shards,
         )
     except ValueError as e:
+        if layout is not None:
+            discard(layout)
         raise UsageError(str(e)) from None
     log.info(
         "preprocess: %d event file(s), %d item file(s) -> %s", len(events), len(items), args.out
     )
-    stats = run(cfg, beam_args)
+    try:
+        stats = run(cfg, beam_args, layout=layout)
+    except DataError as e:
+        # An existing/unsuitable --out, or a job whose input was mostly rejected (its run
+        # kept as OUT.failed-<run_id>): one line.
+        raise UsageError(str(e)) from None
     log.info(
         "preprocess: %d events in, %d used, %d rejected; %d users; targets %s; "
         "%.1f bytes/event; %.1fs (%.0f events/s)",
@@ -162,7 +453,9 @@ def _cmd_preprocess(args, beam_args) -> int:
 # seminar pretrain / train / evaluate
 # ---------------------------------------------------------------------------------------------
 def _train_config(args):
-    from seminar_tf.training import TrainConfig
+    """The run's TrainConfig, every field and model setting checked (before TensorFlow is
+    imported: seminar_tf.train_config is plain Python)."""
+    from seminar_tf.train_config import ConfigError, TrainConfig, check_model_config
 
     model_overrides = {}
     if getattr(args, "preset", None):
@@ -178,29 +471,39 @@ def _train_config(args):
             learning_rate=args.learning_rate,
             distribute=args.distribute,
         )
+        cfg.model = {**cfg.model, **model_overrides}
+        check_model_config(cfg.model, "psu" if args.command == "pretrain" else "ctr")
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"--config: {e}") from None
-    cfg.model = {**cfg.model, **model_overrides}
+    except ConfigError as e:  # names the file (from_file) or the model setting
+        raise UsageError(str(e)) from None
     return cfg
 
 
 def _check_data_dir(path: str) -> None:
     from seminar_tf import spec
+    from seminar_tf.data.manifest import verify_output
+    from seminar_tf.data.readers import DataError
 
     if not os.path.exists(os.path.join(path, spec.SCHEMA_FILE)):
         raise UsageError(f"{path}: not a `seminar preprocess` output (no {spec.SCHEMA_FILE})")
+    try:
+        # One complete run: no shards of another run, nothing missing or resized.
+        verify_output(path)
+    except DataError as e:
+        raise UsageError(str(e)) from None
 
 
 def _cmd_fit(args, extra) -> int:
     """``seminar pretrain`` (PSU) and ``seminar train`` (CTR): fit, then print the last
     epoch's logs as one JSON line."""
+    cfg = _train_config(args)
     _check_data_dir(args.data)
     pretrained = getattr(args, "pretrained", None)
     if pretrained and not os.path.exists(os.path.join(pretrained, "model.keras")):
         raise UsageError(f"--pretrained {pretrained}: no model.keras (run seminar pretrain)")
     from seminar_tf import training
 
-    cfg = _train_config(args)
     if args.command == "pretrain":
         _, history = training.pretrain(args.data, args.out, cfg)
     else:
@@ -245,10 +548,13 @@ def _cmd_evaluate(args, extra) -> int:
 def _cmd_export(args, extra) -> int:
     from export.writer import export_models
 
+    t0 = time.time()
     result = export_models(
         args.model, args.out, version=args.version, max_len=args.max_len, data_dir=args.data,
         serving_base_path=args.serving_base_path,
     )  # fmt: skip
+    log.info("export: version %s of %s in %.1fs", result.version, ", ".join(sorted(result.paths)),
+             time.time() - t0)  # fmt: skip
     print(json.dumps({"version": result.version, "models": result.paths,
                       "models_config": result.models_config,
                       "batching_parameters": result.batching_parameters}))  # fmt: skip
@@ -309,33 +615,43 @@ def _add_train_args(p, with_pretrained: bool) -> None:
     p.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="JSON file of TrainConfig fields (model settings in 'model')")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-len", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--distribute", choices=("none", "mirrored"))
+    p.add_argument("--epochs", type=positive_int, help="passes over the data (default: 1)")
+    p.add_argument("--batch-size", type=positive_int, help="examples per step (default: 256)")
+    p.add_argument(
+        "--max-len", type=positive_int, help="longest history (default: preprocessing's)"
+    )
+    p.add_argument("--seed", type=seed, help="random seed (default: 0)")
+    p.add_argument(
+        "--steps-per-epoch", type=positive_int, help="steps per epoch (default: one pass)"
+    )
+    p.add_argument(
+        "--learning-rate", type=positive_float, help="Adam learning rate (default: 0.001)"
+    )
+    p.add_argument(
+        "--distribute", choices=("none", "mirrored"), help="tf.distribute strategy (default: none)"
+    )
     if with_pretrained:
         p.add_argument("--pretrained", help="a `seminar pretrain` model directory")
         p.add_argument("--preset", help="model preset: seminar, twin, sim, eta, din, dnn, ...")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seminar", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="seminar", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="data utilities")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     synth = data_sub.add_parser("synth", help="write synthetic lifelong data in the contract")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--users", type=int, default=2000)
-    synth.add_argument("--items", type=int, default=5000)
-    synth.add_argument("--min-events", type=int, default=20)
-    synth.add_argument("--max-events", type=int, default=2000)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--format", choices=("parquet", "csv", "jsonl"), default="parquet")
+    synth.add_argument("--out", required=True, help="directory to write the tables to")
+    synth.add_argument("--users", type=positive_int, default=2000, help="number of users")
+    synth.add_argument("--items", type=positive_int, default=5000, help="catalog size")
+    synth.add_argument("--min-events", type=positive_int, default=20, help="fewest events a user")
+    synth.add_argument("--max-events", type=positive_int, default=2000, help="most events a user")
+    synth.add_argument("--seed", type=seed, default=0, help="random seed")
+    synth.add_argument(
+        "--format", choices=("parquet", "csv", "jsonl"), default="parquet", help="file format"
+    )
     synth.set_defaults(func=_cmd_synth)
 
     pre = sub.add_parser(
@@ -345,20 +661,82 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--events", required=True, help="file or folder (or the MovieLens folder)")
     pre.add_argument("--items", help="file or folder of the item catalog")
     pre.add_argument("--queries", help="optional file or folder of query vectors")
-    pre.add_argument("--out", required=True)
-    pre.add_argument("--format", choices=("contract", "movielens"), default="contract")
-    pre.add_argument("--max-len", type=int, default=1000)
-    pre.add_argument("--max-query-tokens", type=int, default=5)
-    pre.add_argument("--max-attributes", type=int, default=8)
-    pre.add_argument("--chunk-size", type=int, default=10_000)
-    pre.add_argument("--split", choices=("time", "last"), default="time")
-    pre.add_argument("--valid-fraction", type=float, default=0.1)
-    pre.add_argument("--test-fraction", type=float, default=0.1)
+    pre.add_argument("--out", required=True, help="output directory of the sequence examples")
+    pre.add_argument(
+        "--format", choices=("contract", "movielens"), default="contract",
+        help="input layout: the data contract, or a MovieLens folder",
+    )  # fmt: skip
+    pre.add_argument("--max-len", type=positive_int, default=1000, help="longest history kept")
+    pre.add_argument(
+        "--max-query-tokens", type=positive_int, default=5, help="query tokens kept per event"
+    )
+    pre.add_argument(
+        "--max-attributes", type=positive_int, default=8, help="attributes kept per item"
+    )
+    pre.add_argument(
+        "--chunk-size", type=positive_int, default=10_000, help="events per stored Example"
+    )
+    pre.add_argument(
+        "--split", choices=("time", "last"), default="time",
+        help="time: global time cutoffs; last: per user, last event test, the one before valid",
+    )  # fmt: skip
+    pre.add_argument(
+        "--valid-fraction", type=fraction, default=0.1, help="share of targets for validation"
+    )
+    pre.add_argument(
+        "--test-fraction", type=fraction, default=0.1, help="share of targets for test"
+    )
     pre.add_argument("--split-times", help="explicit cutoffs T_VALID,T_TEST (seconds)")
-    pre.add_argument("--min-item-count", type=int, default=1)
-    pre.add_argument("--min-attribute-count", type=int, default=1)
-    pre.add_argument("--min-token-count", type=int, default=2)
-    pre.add_argument("--min-query-count", type=int, default=1)
+    pre.add_argument(
+        "--min-item-count", type=positive_int, default=1, help="rarer items map to OOV"
+    )
+    pre.add_argument(
+        "--min-attribute-count", type=positive_int, default=1,
+        help="rarer attributes map to OOV",
+    )  # fmt: skip
+    pre.add_argument(
+        "--min-token-count", type=positive_int, default=2, help="rarer query tokens map to OOV"
+    )
+    pre.add_argument(
+        "--min-query-count", type=positive_int, default=1, help="rarer queries map to OOV"
+    )
+    pre.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --out (only after the new run succeeds)",
+    )  # fmt: skip
+    pre.add_argument(
+        "--timestamp-unit", choices=("s", "ms", "us", "ns"), default="s",
+        help="unit of numeric event timestamps (converted to seconds; typed Parquet "
+        "timestamps/dates are converted by their own type)",
+    )  # fmt: skip
+    pre.add_argument(
+        "--min-timestamp", type=int, default=0,
+        help="earliest plausible event time, seconds since the epoch (inclusive); earlier "
+        "events are rejected",
+    )  # fmt: skip
+    pre.add_argument(
+        "--max-timestamp", type=int, default=4_102_444_800,
+        help="latest plausible event time, seconds since the epoch (exclusive; default "
+        "2100-01-01); later events are rejected",
+    )  # fmt: skip
+    pre.add_argument(
+        "--max-reject-fraction", type=float, default=0.5,
+        help="fail the job when more than this fraction of the events (or items, or query "
+        "vectors) is rejected; a job with no event used always fails",
+    )  # fmt: skip
+    pre.add_argument(
+        "--list-separator",
+        help="CSV list cells are values joined by this (e.g. '|' for Drama|Comedy); default: "
+        "JSON arrays",
+    )  # fmt: skip
+    pre.add_argument(
+        "--max-query-chars", type=int, default=1000,
+        help="longest query accepted (characters); longer ones are rejected as query_too_long",
+    )  # fmt: skip
+    pre.add_argument(
+        "--num-shards", type=int, default=0,
+        help="number of examples/part-*.tfrecord files (0: the runner decides)",
+    )  # fmt: skip
     pre.set_defaults(func=_cmd_preprocess, passes_extra=True)  # unknown options go to Beam
 
     pt = sub.add_parser("pretrain", help="pretrain the PSU (three tasks)")
@@ -373,41 +751,59 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--data", required=True, help="the model's preprocessing output")
     qz.add_argument("--model", required=True, help="a `seminar train` model (search exact)")
     qz.add_argument("--out", required=True, help="model directory to write")
-    qz.add_argument("--subvectors", type=int, default=16, help="sub-vectors per modality vector")
-    qz.add_argument("--centroids", type=int, default=512, help="centroids per codebook")
-    qz.add_argument("--max-vectors", type=int, default=200_000, help="k-means sample per modality")
-    qz.add_argument("--seed", type=int, default=0)
+    qz.add_argument(
+        "--subvectors", type=positive_int, default=16, help="sub-vectors per modality vector"
+    )
+    qz.add_argument("--centroids", type=positive_int, default=512, help="centroids per codebook")
+    qz.add_argument(
+        "--max-vectors", type=positive_int, default=200_000, help="k-means sample per modality"
+    )
+    qz.add_argument("--seed", type=seed, default=0, help="random seed (k-means, sampling)")
     qz.set_defaults(func=_cmd_quantize)
     ev = sub.add_parser("evaluate", help="AUC, GAUC, logloss, HR@K, NDCG@K on a split")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--model", required=True)
-    ev.add_argument("--report-json")
-    ev.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    ev.add_argument("--batch-size", type=int, default=512)
-    ev.add_argument("--negatives", type=int, default=99)
-    ev.add_argument("--max-ranked", type=int, help="rank at most this many positives")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--data", required=True, help="the model's preprocessing output")
+    ev.add_argument("--model", required=True, help="a `seminar train` model directory")
+    ev.add_argument("--report-json", help="also write the report to this JSON file")
+    ev.add_argument(
+        "--split", choices=("train", "valid", "test"), default="test", help="split to evaluate"
+    )
+    ev.add_argument("--batch-size", type=positive_int, default=512, help="examples per batch")
+    ev.add_argument(
+        "--negatives", type=positive_int, default=99, help="sampled negatives per positive"
+    )
+    ev.add_argument(
+        "--max-ranked", type=positive_int, help="rank at most this many positives (default: all)"
+    )
+    ev.add_argument("--seed", type=seed, default=0, help="random seed of the negatives")
     ev.set_defaults(func=_cmd_evaluate)
 
     ex = sub.add_parser("export", help="SavedModels for TF Serving: retrieval and ranking")
     ex.add_argument("--model", required=True, help="a `seminar train` model directory")
     ex.add_argument("--out", required=True, help="export base directory (versions go under it)")
-    ex.add_argument("--version", type=int, help="integer version (default: next free)")
-    ex.add_argument("--max-len", type=int, help="longest history searched (default: training's)")
+    ex.add_argument("--version", type=positive_int, help="integer version (default: next free)")
+    ex.add_argument(
+        "--max-len", type=positive_int, help="longest history searched (default: training's)"
+    )
     ex.add_argument("--data", help="the model's preprocessing output (default: from config.json)")
     ex.add_argument("--serving-base-path", help="where --out is on the server, for models.config")
     ex.set_defaults(func=_cmd_export)
     sv = sub.add_parser("serve", help="local stand-in for TF Serving (gRPC + REST) over an export")
-    sv.add_argument("--export", required=True)
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--grpc-port", type=int, default=8500)
-    sv.add_argument("--rest-port", type=int, help="also serve the REST API on this port")
+    sv.add_argument("--export", required=True, help="a `seminar export` output directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--grpc-port", type=port, default=8500, help="gRPC port (0: any free one)")
+    sv.add_argument(
+        "--rest-port", type=port, help="also serve the REST API on this port (0: any free one)"
+    )
     sv.set_defaults(func=_cmd_serve)
     qu = sub.add_parser("query", help="rank candidates for one history through the cascade")
     qu.add_argument("--server", default="127.0.0.1:8500", help="host:port, or http://host:port")
-    qu.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
+    qu.add_argument(
+        "--protocol", choices=("grpc", "rest"), default="grpc", help="TF Serving API to call"
+    )
     qu.add_argument("--request", required=True, help='JSON {"history": [...], "candidates": [...]}')
-    qu.add_argument("--timeout", type=float, default=5.0)
+    qu.add_argument(
+        "--timeout", type=positive_float, default=5.0, help="deadline per call, seconds"
+    )
     qu.set_defaults(func=_cmd_query)
     sc = sub.add_parser(
         "score", help="batch scoring with the exported cascade (Beam RunInference; unknown "
@@ -416,29 +812,81 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
     sc.add_argument("--export", required=True, help="a `seminar export` output directory")
     sc.add_argument("--out", required=True, help="directory for scores-*.parquet")
-    sc.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    sc.add_argument("--batch-size", type=int, default=256)
+    sc.add_argument(
+        "--split", choices=("train", "valid", "test"), default="test", help="split to score"
+    )
+    sc.add_argument("--batch-size", type=positive_int, default=256, help="examples per call")
     sc.set_defaults(func=_cmd_score, passes_extra=True)  # unknown options go to Beam
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("seminar-tf")
+    except metadata.PackageNotFoundError:
+        from seminar_tf import __version__
+
+        return __version__
+
+
+def _command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` holds (``seminar data synth``: synth's)."""
+    for dest in ("command", "data_command"):
+        name = getattr(args, dest, None)
+        subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subparsers:
+            break
+        parser = subparsers[0].choices[name]
+    return parser
+
+
+# Errors a user can fix: printed as one line, without the hint to rerun with -v. DataError
+# (seminar_tf.data.readers) and ConfigError (seminar_tf.train_config) are ValueErrors.
+_USER_ERRORS = (UsageError, ValueError, OSError, KeyError)
+_OWN_PACKAGES = ("seminar_tf", "preprocessing", "export", "serving")
+
+
+def _describe(error: BaseException) -> str:
+    """One line: the message's first line, prefixed with the exception's type unless it is
+    one of ours (their messages are written to stand alone)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += " [...]"
+    own = isinstance(error, UsageError) or type(error).__module__.split(".")[0] in _OWN_PACKAGES
+    if own and text:
+        return text
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    _setup_logging(args.verbose)
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose)
+    command = _command_parser(parser, args)
     try:
-        if extra and not getattr(args, "passes_extra", False):
-            raise UsageError(f"unknown options: {' '.join(extra)}")
+        if extra:
+            ours = _option_strings(command)
+            if getattr(args, "passes_extra", False):
+                _check_beam_options(extra, ours)
+            else:
+                _refuse_unknown(extra, ours)
         return args.func(args, extra)
-    except UsageError as e:
-        print(f"seminar {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        if args.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"seminar {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"{command.prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        user_error = isinstance(e, _USER_ERRORS)
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if user_error or verbose else " (run with -v for the traceback)"
+        print(f"{command.prog}: error: {_describe(e)}{hint}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

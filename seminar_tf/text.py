@@ -1,6 +1,8 @@
 """Query normalisation and tokenisation, shared by preprocessing and (later) the export.
 
-A query is normalised by stripping and lower-casing (the key of the query vector table); its
+A query is normalised by collapsing every whitespace run (``str.split()`` semantics, which
+includes line breaks such as ``\r``, ``\x85``, ``\u2028``) into one space, stripping and
+lower-casing (the key of the query vector table, one line of ``vocab/queries.txt``); its
 tokens are the maximal runs of letters, digits and underscores, at most ``max_tokens`` of them
 (the first ones), as the paper's "mean of up to 5 keyword embeddings".
 """
@@ -17,7 +19,9 @@ _TOKEN_RE = re.compile(TOKEN_PATTERN)
 
 
 def normalize_query(query: str) -> str:
-    return query.strip().lower()
+    # Collapsing (not only stripping) whitespace keeps a normalised query on one line of the
+    # vocabulary file whatever line-breaking characters the raw text holds.
+    return " ".join(query.split()).lower()
 
 
 def tokenize_query(query: str, max_tokens: int) -> list[str]:

@@ -19,12 +19,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import keras
 import numpy as np
 
 from seminar_tf import spec
+from seminar_tf.train_config import TrainConfig, check_model_config
 
 log = logging.getLogger("seminar.train")
 
@@ -34,42 +36,12 @@ HISTORY_FILE = "history.json"
 QUANTIZATION_FILE = "quantization.json"
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Training settings; ``model`` holds the model constructor arguments (see
-    ``seminar_tf.models.factory``), e.g. ``{"preset": "seminar", "top_k": 50}``."""
-
-    batch_size: int = 256
-    epochs: int = 1
-    learning_rate: float = 1e-3
-    seed: int = 0
-    max_len: int | None = None  # None: the preprocessing max_len
-    history: str = "positive"
-    patience: int = 2
-    steps_per_epoch: int | None = None  # None: one pass over the split
-    validation_steps: int | None = None
-    shuffle_buffer: int = 20_000
-    distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
-    bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
-    restore_attention: bool = True  # with --pretrained: also copy the PSU attention to the GSU
-    model: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_file(cls, path: str | None, **overrides) -> TrainConfig:
-        data = {}
-        if path:
-            with open(path) as f:
-                data = json.load(f)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{path}: unknown config key(s) {unknown}; allowed: {sorted(names)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
-
-    def __post_init__(self):
-        if self.distribute not in ("none", "mirrored"):
-            raise ValueError(f"distribute must be 'none' or 'mirrored', got {self.distribute!r}")
+def _progress_verbose() -> int:
+    """Keras ``verbose`` for fit: the live progress bar (1) in a terminal; one line per epoch
+    (2) when stdout is a file or a pipe (no carriage returns in logs) or ``SEMINAR_QUIET``."""
+    stdout = sys.stdout
+    tty = bool(getattr(stdout, "isatty", None) and stdout.isatty())
+    return 1 if tty and not os.environ.get("SEMINAR_QUIET") else 2
 
 
 class Throughput(keras.callbacks.Callback):
@@ -121,7 +93,9 @@ def _datasets(data_dir, cfg: TrainConfig, positives: bool):
     n_valid = _split_count(data_dir, "valid", positives)
     if n_train == 0:
         raise ValueError(
-            f"{data_dir}: the train split has no {'clicks' if positives else 'targets'}"
+            f"{data_dir}: the train split has no {'clicks' if positives else 'targets'} "
+            f"(see {os.path.join(data_dir, spec.STATS_FILE)} and the dead letters in "
+            f"{os.path.join(data_dir, spec.REJECTED_DIR)}/)"
         )
     steps = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
     vsteps = cfg.validation_steps or max(1, math.ceil(n_valid / cfg.batch_size))
@@ -178,6 +152,7 @@ def _callbacks(out_dir, cfg, monitor=None, mode="max"):
 def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | None = None):
     """Fits a PSU on the train split's clicked targets, early-stopping on the validation
     loss (best weights kept); saves ``model.keras``."""
+    check_model_config(cfg.model, "psu")
     from seminar_tf.models.factory import build_psu
 
     os.makedirs(out_dir, exist_ok=True)
@@ -195,7 +170,7 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | No
         # falling on train while rising on the later validation period.
         callbacks=_callbacks(out_dir, cfg, "val_loss" if valid is not None else None, "min")
         + list(callbacks or []),
-        verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+        verbose=_progress_verbose(),
     )  # fmt: skip
     psu.save(os.path.join(out_dir, MODEL_FILE))
     _save_run(out_dir, cfg, data_dir, "psu", hist.history)
@@ -211,6 +186,7 @@ def train(
 ):
     """Fits the CTR model (optionally restoring a PSU from ``pretrained``); early-stops on
     validation AUC and saves the best model."""
+    check_model_config(cfg.model, "ctr")
     from seminar_tf.models.factory import build_model
 
     os.makedirs(out_dir, exist_ok=True)
@@ -248,7 +224,7 @@ def train(
         validation_steps=vsteps if valid is not None else None,
         callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None)
         + extra_callbacks,
-        verbose=2 if os.environ.get("SEMINAR_QUIET") else 1,
+        verbose=_progress_verbose(),
     )  # fmt: skip
     model.save(os.path.join(out_dir, MODEL_FILE))
     if fit_codes is not None:

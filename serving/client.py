@@ -192,31 +192,33 @@ class GrpcTransport:
 
     def __init__(self, target: str, channel=None):
         import grpc
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+        from serving.tf_protos import serving_apis
+
+        # The generated protos without running tensorflow/__init__ (seconds): see tf_protos.
+        self.apis = serving_apis()
         self.target = target
         self.channel = channel or grpc.insecure_channel(
             target, options=[("grpc.max_receive_message_length", 256 << 20),
                              ("grpc.max_send_message_length", 256 << 20)]
         )  # fmt: skip
-        self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.stub = self.apis.prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
 
     def predict(self, model: str, signature: str, inputs: dict, timeout: float) -> dict:
-        import tensorflow as tf
-        from tensorflow_serving.apis import predict_pb2
+        from serving.tf_protos import make_ndarray, make_tensor_proto
 
-        request = predict_pb2.PredictRequest()
+        request = self.apis.predict_pb2.PredictRequest()
         request.model_spec.name = model
         request.model_spec.signature_name = signature
         for name, value in inputs.items():
-            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            request.inputs[name].CopyFrom(make_tensor_proto(value, self.apis.tensor_pb2))
         response = self.stub.Predict(request, timeout=timeout)
-        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+        return {k: make_ndarray(v) for k, v in response.outputs.items()}
 
     def metadata(self, model: str, timeout: float) -> dict:
         from google.protobuf import json_format
-        from tensorflow_serving.apis import get_model_metadata_pb2
 
+        get_model_metadata_pb2 = self.apis.get_model_metadata_pb2
         request = get_model_metadata_pb2.GetModelMetadataRequest()
         request.model_spec.name = model
         request.metadata_field.append("signature_def")

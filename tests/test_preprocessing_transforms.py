@@ -10,7 +10,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from preprocessing.io import REJECTED
+from preprocessing.io import REJECTED, Sources, make_loc
 from preprocessing.sequences import (
     EncodeUserSequence,
     chunk_bounds,
@@ -20,7 +20,6 @@ from preprocessing.sequences import (
 from preprocessing.tables import build_tables
 from preprocessing.validate import (
     COUNTS,
-    TALLY,
     TIMESTAMP_BATCH,
     CheckVectorDims,
     Invalid,
@@ -45,9 +44,15 @@ GOOD = {"user_id": "u1", "timestamp": 10, "item_id": "i1", "query": "Red Shoes",
         ({"user_id": "  "}, "empty_field", "user_id"),
         ({"timestamp": "yesterday"}, "not_an_integer", "timestamp"),
         ({"timestamp": 1.5}, "not_an_integer", "timestamp"),
-        ({"timestamp": -1}, "negative_timestamp", "timestamp"),
+        ({"timestamp": -1}, "timestamp_out_of_range", "timestamp"),
+        ({"timestamp": "99999999999999999999"}, "timestamp_out_of_range", "timestamp"),
+        ({"timestamp": float("inf")}, "not_an_integer", "timestamp"),
         ({"item_id": ""}, "empty_field", "item_id"),
         ({"label": 2}, "label_not_0_or_1", "label"),
+        ({"label": "yes"}, "label_not_0_or_1", "label"),
+        ({"label": 0.5}, "label_not_0_or_1", "label"),
+        ({"query": "x" * 1001}, "query_too_long", "query"),
+        ({"item_id": "a\u2028b"}, "contains_line_break", "item_id"),
         ({"label": None}, "missing_field", "label"),
         ({"query": 5}, "not_a_string", "query"),
     ],
@@ -55,7 +60,7 @@ GOOD = {"user_id": "u1", "timestamp": 10, "item_id": "i1", "query": "Red Shoes",
 def test_parse_event_names_reason_and_field(change, reason, field):
     with pytest.raises(Invalid) as err:
         parse_event({**GOOD, **change})
-    assert (err.value.reason, err.value.field) == (reason, field)
+    assert (err.value.reason.split(":")[0], err.value.field) == (reason, field)
 
 
 def test_parse_event_accepts_csv_strings_and_missing_query():
@@ -64,37 +69,59 @@ def test_parse_event_accepts_csv_strings_and_missing_query():
     assert parse_event(GOOD) == ("u1", 10, "i1", "Red Shoes", 1)
 
 
-def test_parse_item_rejects_non_finite_vectors_and_bad_attributes():
+@pytest.mark.parametrize(
+    "label, expected",
+    [(0, 0), (1, 1), ("0", 0), ("1", 1), (True, 1), (False, 0), ("true", 1), ("False", 0),
+     (0.0, 0), (1.0, 1), ("1.0", 1), ("0.0", 0)],
+)  # fmt: skip
+def test_labels_parse_the_same_from_every_format(label, expected):
+    assert parse_event({**GOOD, "label": label})[4] == expected
+
+
+def test_parse_item_drops_bad_vectors_and_rejects_bad_attributes():
+    item, dropped = parse_item(
+        {"item_id": "a", "text_embedding": [1.0, float("nan")], "image_embedding": [1.0, 2.0]}
+    )
+    assert item["text_embedding"] == [] and item["image_embedding"] == [1.0, 2.0]
+    assert [(e.reason, e.field) for e in dropped] == [("non_finite_value", "text_embedding")]
+    _, dropped = parse_item({"item_id": "a", "image_embedding": "[1e400]"})
+    assert [(e.reason, e.field) for e in dropped] == [("non_finite_value", "image_embedding")]
     with pytest.raises(Invalid) as err:
-        parse_item({"item_id": "a", "text_embedding": [1.0, float("nan")]})
-    assert err.value.field == "text_embedding"
-    with pytest.raises(Invalid) as err:
-        parse_item({"item_id": "a", "attributes": "Drama"})
-    assert err.value.field == "attributes"
-    clean = parse_item({"item_id": "a", "attributes": [" Drama ", ""]})
-    assert clean["attributes"] == ["Drama"] and clean["image_embedding"] == []
+        parse_item({"item_id": "a", "attributes": "Drama|Comedy"})
+    assert err.value.field == "attributes" and err.value.reason.startswith("invalid_list_cell")
+    clean, dropped = parse_item({"item_id": "a", "attributes": [" Drama ", ""]})
+    assert clean["attributes"] == ["Drama"] and clean["image_embedding"] == [] and not dropped
 
 
 def test_validate_events_routes_bad_records_and_counts_input():
     bad = {**GOOD, "label": 3}
+    sources = Sources(["events.csv"])
+    rows = [
+        (make_loc(0, 2), GOOD),
+        (make_loc(0, 3), bad),
+        (make_loc(0, 4), {**GOOD, "user_id": "u2"}),
+    ]
     with TestPipeline() as p:
         out = (
             p
-            | beam.Create([GOOD, bad, {**GOOD, "user_id": "u2"}])
-            | beam.ParDo(ValidateEvents()).with_outputs(REJECTED, TALLY, main="valid")
+            | beam.Create(rows)
+            | beam.ParDo(ValidateEvents(sources=sources)).with_outputs(REJECTED, main="valid")
         )
         assert_that(
             out.valid,
-            equal_to([("u1", (10, "i1", "Red Shoes", 1)), ("u2", (10, "i1", "Red Shoes", 1))]),
+            equal_to(
+                [
+                    ("u1", (10, "i1", "Red Shoes", 1, make_loc(0, 2))),
+                    ("u2", (10, "i1", "Red Shoes", 1, make_loc(0, 4))),
+                ]
+            ),
             label="valid",
         )
         assert_that(
-            out[REJECTED] | beam.Map(lambda r: (r["reason"], r["field"], r["record"]["label"])),
-            equal_to([("label_not_0_or_1", "label", 3)]),
+            out[REJECTED]
+            | beam.Map(lambda r: (r["reason"], r["field"], r["record"]["label"], r["source"])),
+            equal_to([("label_not_0_or_1", "label", 3, "events.csv:line 3")]),
             label="rejected",
-        )
-        assert_that(
-            out[TALLY] | beam.CombinePerKey(sum), equal_to([("events_parsed", 3)]), label="tally"
         )
 
 
@@ -129,39 +156,57 @@ def test_join_catalog_rejects_unknown_items_and_counts_vocab():
         assert_that(out[TIMESTAMP_BATCH] | beam.FlatMap(lambda b: b), equal_to([1, 3]), label="ts")
 
 
-def test_items_dedup_and_vector_width():
+def test_items_dedup_keeps_first_seen_and_width_check_drops_the_vector():
+    files = ["b.csv", "a.csv"]  # input order: b.csv first, whatever the names sort as
     rows = [
-        {"item_id": "a", "text": "x", "text_embedding": [1.0, 2.0]},
-        {"item_id": "a", "text": "y", "text_embedding": [1.0, 2.0]},
-        {"item_id": "b", "text_embedding": [1.0]},
-        {"item_id": "c", "text_embedding": [3.0, 4.0]},
+        (make_loc(1, 2), {"item_id": "a", "text": "x", "text_embedding": [1.0, 2.0]}),
+        (make_loc(0, 9), {"item_id": "a", "text": "y", "text_embedding": [1.0, 2.0]}),
+        (make_loc(1, 3), {"item_id": "a", "text": "y", "text_embedding": [1.0, 2.0]}),
+        (make_loc(0, 2), {"item_id": "b", "text_embedding": [1.0], "image_embedding": [5.0]}),
+        (make_loc(0, 3), {"item_id": "c", "text_embedding": [3.0, 4.0]}),
     ]
+    sources = Sources(files)
     with TestPipeline() as p:
         items = (
-            p | beam.Create(rows) | beam.ParDo(ValidateItems()).with_outputs(REJECTED, main="valid")
+            p
+            | beam.Create(rows)
+            | beam.ParDo(ValidateItems(sources=sources)).with_outputs(REJECTED, main="valid")
         )
         unique = (
             items.valid
             | beam.GroupByKey()
-            | beam.ParDo(KeepFirstPerKey("items", "item_id")).with_outputs(REJECTED, main="valid")
+            | beam.ParDo(KeepFirstPerKey("items", "item_id", sources)).with_outputs(
+                REJECTED, main="valid"
+            )
         )
-        dims = p | "Dims" >> beam.Create([{"text_embedding": 2, "image_embedding": 0}])
+        dims = p | "Dims" >> beam.Create([{"text_embedding": 2, "image_embedding": 1}])
         checked = unique.valid | beam.ParDo(
-            CheckVectorDims("items", spec.ITEM_VECTOR_FIELDS), beam.pvalue.AsSingleton(dims)
+            CheckVectorDims("items", spec.ITEM_VECTOR_FIELDS, sources),
+            beam.pvalue.AsSingleton(dims),
         ).with_outputs(REJECTED, main="valid")
         assert_that(
-            checked.valid | beam.Map(lambda kv: (kv[0], kv[1]["text"])),
-            equal_to([("a", "x"), ("c", "")]),
+            checked.valid
+            | beam.Map(
+                lambda kv: (kv[0], kv[1]["text"], kv[1]["text_embedding"], kv[1]["image_embedding"])
+            ),
+            equal_to([("a", "y", [1.0, 2.0], []), ("b", "", [], [5.0]), ("c", "", [3.0, 4.0], [])]),
             label="kept",
         )
         assert_that(
-            unique[REJECTED] | beam.Map(lambda r: (r["reason"], r["record"]["text"])),
-            equal_to([("duplicate_key", "y")]),
+            unique[REJECTED]
+            | beam.Map(lambda r: (r["reason"].split(":")[0], r["record"]["text"], r["source"])),
+            equal_to(
+                [
+                    ("identical_duplicate", "y", "a.csv:line 3"),
+                    ("conflicting_duplicate", "x", "a.csv:line 2"),
+                ]
+            ),
             label="dups",
         )
         assert_that(
-            checked[REJECTED] | beam.Map(lambda r: (r["field"], r["record"]["item_id"])),
-            equal_to([("text_embedding", "b")]),
+            checked[REJECTED]
+            | beam.Map(lambda r: (r["field"], r["record"]["item_id"], r["dropped"], r["source"])),
+            equal_to([("text_embedding", "b", "field", "b.csv:line 2")]),
             label="width",
         )
 
@@ -308,3 +353,50 @@ def test_build_tables_aligns_rows_with_vocabulary_ids():
     assert t["item_attributes"][3].tolist() == [2, 1, 0]  # red -> 2, blue -> OOV
     assert t["query_has_text"].tolist() == [False, False, True]
     assert set(t) == set(spec.TABLE_ARRAYS)
+
+
+def test_timestamp_units_window_and_hints():
+    from preprocessing.read_files import EpochSeconds
+    from preprocessing.rules import ParseRules, parse_timestamp
+
+    ms = ParseRules(timestamp_unit="ms")
+    assert parse_timestamp("1505313200123", ms) == 1505313200
+    assert parse_timestamp(1505313200123456789, ParseRules(timestamp_unit="ns")) == 1505313200
+    # Typed Parquet timestamps are already seconds: the unit option does not apply again.
+    assert parse_timestamp(EpochSeconds(1505313200), ms) == 1505313200
+    for raw, hint in [(1505313200123, "milliseconds"), (1505313200123456, "microseconds")]:
+        with pytest.raises(Invalid, match=f"looks like {hint}"):
+            parse_timestamp(raw, ParseRules())
+    window = ParseRules(min_timestamp=1_000, max_timestamp=2_000)
+    assert parse_timestamp(1_999, window) == 1_999
+    for raw in (999, 2_000, 2**64, -(2**70)):
+        with pytest.raises(Invalid, match="timestamp_out_of_range"):
+            parse_timestamp(raw, window)
+
+
+def test_list_separator_applies_to_every_list_field():
+    from preprocessing.rules import ParseRules
+
+    rules = ParseRules(list_separator="|")
+    item, dropped = parse_item(
+        {"item_id": "a", "attributes": "Drama| Comedy|", "text_embedding": "0.5|1.5"}, rules
+    )
+    assert item["attributes"] == ["Drama", "Comedy"] and item["text_embedding"] == [0.5, 1.5]
+    assert not dropped
+
+
+def test_config_validates_new_options():
+    from preprocessing.pipeline import PreprocessConfig
+
+    base = {"events": ["e.csv"], "items": ["i.csv"], "out_dir": "o"}
+    for bad in (
+        {"timestamp_unit": "days"},
+        {"min_timestamp": 10, "max_timestamp": 10},
+        {"max_timestamp": 2**64},
+        {"max_reject_fraction": 1.5},
+        {"list_separator": ""},
+        {"max_query_chars": 0},
+        {"num_shards": -1},
+    ):
+        with pytest.raises(ValueError):
+            PreprocessConfig(**base, **bad)

@@ -1,8 +1,9 @@
 """Readers for the raw data contract: Parquet, CSV and JSON Lines, a file or a folder.
 
 These in-memory readers return ``pyarrow.Table``s and serve small data (tests, the MovieLens
-adapter, notebooks). The Beam pipeline reads the same formats with Beam's own IO
-(``preprocessing.io.ReadRecords``) and shares :func:`resolve_files` and :func:`parse_cell`.
+adapter, notebooks). The Beam pipeline reads the same formats with its own per-file DoFns
+(``preprocessing.io.ReadRecords``: line and row numbers, dead letters for unreadable records)
+and shares :func:`resolve_files`, :func:`detect_format` and :func:`parse_cell`.
 
 CSV cells holding list columns (``attributes``, ``text_embedding``, ``image_embedding``) are
 JSON arrays (``["Drama","Comedy"]``, ``[0.1, 0.2]``); in JSON Lines they are plain arrays.
@@ -12,12 +13,21 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow is imported where a table is read or written: this module's DataError, file listing
+# and format rules are used by pure-Python checks (seminar_tf.data.manifest) on machines
+# without it.
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 LIST_FIELDS = ("attributes", "text_embedding", "image_embedding")
+
+log = logging.getLogger("seminar.data")
 
 
 class DataError(ValueError):
@@ -38,9 +48,18 @@ def resolve_files(path: str, stem: str | None = None) -> list[str]:
     the files whose name starts with it.
     """
     if os.path.isdir(path):
-        files = sorted(
-            f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f) and _has_known_ext(f)
-        )
+        entries = sorted(f for f in glob.glob(os.path.join(path, "*")) if os.path.isfile(f))
+        files = [f for f in entries if _has_known_ext(f)]
+        skipped = [os.path.basename(f) for f in entries if not _has_known_ext(f)]
+        if skipped:
+            # Never silently: a misnamed data file (events.txt) would otherwise just vanish.
+            log.warning(
+                "%s: skipping %d file(s) without a data extension (%s): %s",
+                path,
+                len(skipped),
+                ", ".join(FORMATS),
+                ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+            )
         if stem is not None:
             named = [f for f in files if os.path.basename(f).startswith(stem)]
             files = named or files
@@ -64,17 +83,26 @@ def _has_known_ext(path: str) -> bool:
         return False
 
 
-def parse_cell(field: str, value):
-    """Decodes a CSV cell of a list field (a JSON array); other values pass through."""
+def parse_cell(field: str, value, separator: str | None = None):
+    """Decodes a text cell of a list field; other values pass through.
+
+    Without ``separator`` the cell is a JSON array (``["Drama","Comedy"]``); with one it is
+    the values joined by it (``Drama|Comedy``, MovieLens style). An empty cell is ``[]``.
+    Raises ``ValueError`` (``json.JSONDecodeError`` is one) when the cell does not parse.
+    """
     if field in LIST_FIELDS and isinstance(value, str):
         if value.strip() == "":
             return []
+        if separator is not None:
+            return [v.strip() for v in value.split(separator) if v.strip()]
         return json.loads(value)
     return value
 
 
 def read_table(path: str, stem: str | None = None) -> pa.Table:
     """Reads every file at ``path`` (see :func:`resolve_files`) into one table."""
+    import pyarrow as pa
+
     files = resolve_files(path, stem)
     fmt = detect_format(files[0])
     tables = [_read_one(f, fmt) for f in files]
@@ -82,6 +110,8 @@ def read_table(path: str, stem: str | None = None) -> pa.Table:
 
 
 def _read_one(path: str, fmt: str) -> pa.Table:
+    import pyarrow as pa
+
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -118,6 +148,7 @@ def _json_cells(col) -> list[str]:
     """One JSON text per row of a column (floats in their shortest float32 form, so they
     read back exactly as float32)."""
     import numpy as np
+    import pyarrow as pa
 
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     typ = arr.type
@@ -137,6 +168,8 @@ def write_table(table: pa.Table, path: str) -> str:
     written as ``""`` (read it back as a string, not a null). JSON Lines has one object a
     row, list columns as plain arrays.
     """
+    import pyarrow as pa
+
     fmt = detect_format(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if fmt == "parquet":
