@@ -141,10 +141,10 @@ def test_verify_output_refuses_mixed_or_damaged_outputs(good_output, tmp_path, d
     with pytest.raises(DataError, match=message) as err:
         verify_output(str(out))
     assert "\n" not in str(err.value)
-    from seminar_tf.cli import UsageError, _check_data_dir
+    from seminar_tf.cli import UsageError, check_data_dir
 
     with pytest.raises(UsageError):
-        _check_data_dir(str(out))
+        check_data_dir(str(out))
 
 
 def test_killed_rerun_leaves_the_old_output_or_none_never_a_mix(raw, good_output, tmp_path):
@@ -178,10 +178,10 @@ def test_killed_rerun_leaves_the_old_output_or_none_never_a_mix(raw, good_output
     (left,) = glob.glob(str(out) + ".tmp-*")
     with pytest.raises(DataError, match="unfinished"):
         verify_output(left)
-    from seminar_tf.cli import UsageError, _check_data_dir
+    from seminar_tf.cli import UsageError, check_data_dir
 
     with pytest.raises(UsageError):
-        _check_data_dir(left)
+        check_data_dir(left)
 
 
 def test_python_and_tensorflow_query_normalisation_agree():

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from seminar_tf import cli
+from seminar_tf.cli import commands
 from seminar_tf.train_config import ConfigError, TrainConfig, check_model_config, model_arguments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,15 +157,15 @@ def test_preprocess_refuses_an_option_neither_we_nor_beam_know(tmp_path):
 
 def test_beam_options_pass_and_bad_beam_values_refused():
     pre = cli._command_parser(cli.build_parser(), argparse.Namespace(command="preprocess"))
-    ours = cli._option_strings(pre)
-    cli._check_beam_options(
+    ours = cli.option_strings(pre)
+    cli.check_beam_options(
         ["--runner=DataflowRunner", "--project", "P", "--region", "R", "--temp_location",
          "gs://x", "--direct_num_workers=2", "--experiments=a", "--experiments=b"], ours,
     )  # fmt: skip
     with pytest.raises(cli.UsageError, match="direct_num_workers"):
-        cli._check_beam_options(["--direct_num_workers=two"], ours)
+        cli.check_beam_options(["--direct_num_workers=two"], ours)
     with pytest.raises(cli.UsageError, match=r"--temp_locaton \(did you mean --temp_location\?"):
-        cli._check_beam_options(["--temp_locaton", "gs://x"], ours)
+        cli.check_beam_options(["--temp_locaton", "gs://x"], ours)
 
 
 @pytest.mark.parametrize(
@@ -195,7 +196,7 @@ def test_unexpected_error_one_line_and_traceback_with_v(capsys, monkeypatch, tmp
     def boom(args, extra):
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(cli, "_cmd_synth", boom)
+    monkeypatch.setattr(commands, "cmd_synth", boom)
     assert cli.main(["data", "synth", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.splitlines() == [
