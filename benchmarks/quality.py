@@ -78,7 +78,18 @@ def prepare(name: str, tmp: str, max_len: int) -> str:
     return out
 
 
-def one_run(data_dir, tmp, label, model_cfg, seed, epochs, max_ranked):
+def one_run(
+    data_dir,
+    tmp,
+    label,
+    model_cfg,
+    seed,
+    epochs,
+    max_ranked,
+    history="positive",
+    patience=1,
+    learning_rate=1e-3,
+):
     model_cfg = dict(model_cfg)
     pretrain = model_cfg.pop("_pretrain", False)
     restore_attention = model_cfg.pop("_restore_attention", True)
@@ -86,12 +97,15 @@ def one_run(data_dir, tmp, label, model_cfg, seed, epochs, max_ranked):
     t0 = time.time()
     pretrained = None
     if pretrain:
-        pcfg = training.TrainConfig(epochs=int(pretrain), seed=seed, model={"num_heads": 4})
+        pcfg = training.TrainConfig(
+            epochs=int(pretrain), seed=seed, history=history, model={"num_heads": 4}
+        )
         training.pretrain(data_dir, run_dir + "_psu", pcfg)
         pretrained = run_dir + "_psu"
     cfg = training.TrainConfig(
-        epochs=epochs, seed=seed, patience=1, model=model_cfg, restore_attention=restore_attention
-    )
+        epochs=epochs, seed=seed, patience=patience, model=model_cfg, history=history,
+        learning_rate=learning_rate, restore_attention=restore_attention,
+    )  # fmt: skip
     _, history = training.train(data_dir, run_dir, cfg, pretrained=pretrained)
     report = training.evaluate(data_dir, run_dir, max_ranked=max_ranked, seed=seed)
     report["best_val_auc"] = max(history.get("val_auc", [float("nan")]))
@@ -108,6 +122,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=100)
+    parser.add_argument("--history", choices=("positive", "all"), default="positive",
+                        help="positive: earlier clicks (the peers' protocol); all: every "
+                        "earlier event with its label")  # fmt: skip
+    parser.add_argument("--patience", type=int, default=1, help="early-stopping patience")
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-ranked", type=int, default=3000)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="quality", help="output file stem")
@@ -123,7 +142,8 @@ def main() -> None:
             for label in args.models:
                 for seed in args.seeds:
                     rep = one_run(data_dir, tmp, label, MODELS[label], seed, args.epochs,
-                                  args.max_ranked)  # fmt: skip
+                                  args.max_ranked, args.history, args.patience,
+                                  args.learning_rate)  # fmt: skip
                     rep.update({"dataset": ds, "model": label, "seed": seed})
                     results.append(rep)
                     print(f"{ds:<10} {label:<22} seed {seed}: test AUC {rep['auc']:.4f} "
@@ -139,7 +159,9 @@ def main() -> None:
         "settings": {
             "epochs": args.epochs,
             "max_len": args.max_len,
-            "history": "positive",
+            "history": args.history,
+            "patience": args.patience,
+            "learning_rate": args.learning_rate,
             "seeds": args.seeds,
             "batch_size": 256,
             "embedding_dim": 64,
@@ -167,8 +189,22 @@ def summarise(results):
             vals = [r[key] for r in rs]
             row[key] = statistics.mean(vals)
             row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[key + "_ci95"] = _ci95(vals)
         out.append(row)
     return out
+
+
+# Two-sided 97.5% quantiles of Student's t for n - 1 = 1..9 degrees of freedom.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def _ci95(vals: list) -> float:
+    """Half-width of the 95% interval of the mean over seeds (Student's t), 0 for one seed."""
+    n = len(vals)
+    if n < 2:
+        return 0.0
+    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
+    return t * statistics.stdev(vals) / n**0.5
 
 
 def print_table(summary):
@@ -178,7 +214,7 @@ def print_table(summary):
     for r in summary:
         print(f"{r['dataset']:<10} {r['model']:<22} {r['auc']:>7.4f} {r['gauc']:>7.4f} "
               f"{r['logloss']:>8.4f} {r['ndcg@10']:>8.4f} {r['hr@10']:>7.4f} "
-              f"{r['best_val_auc']:>8.4f}")  # fmt: skip
+              f"{r['best_val_auc']:>8.4f}  (AUC +-{r['auc_ci95']:.4f}, {r['seeds']} seeds)")  # fmt: skip
 
 
 def plot(summary, path):
@@ -192,7 +228,7 @@ def plot(summary, path):
     for ax, ds in zip(axes[0], datasets):
         rows = [r for r in summary if r["dataset"] == ds]
         ax.barh([r["model"] for r in rows], [r["auc"] for r in rows],
-                xerr=[r["auc_std"] for r in rows], color="#4c72b0")  # fmt: skip
+                xerr=[r["auc_ci95"] for r in rows], color="#4c72b0")  # fmt: skip
         lo = min(r["auc"] for r in rows) - 0.03
         ax.set_xlim(max(0.4, lo), max(r["auc"] for r in rows) + 0.02)
         if ds == "movielens":

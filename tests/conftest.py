@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,22 @@ SHARED_DATA = os.environ.get(
     "SEMINAR_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared", "data")
 )
 MOVIELENS = os.path.join(SHARED_DATA, "movielens-small")
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """``seminar`` CLI calls in-process point a root log handler at the test's captured
+    stderr, which is closed after the test; drop such plain handlers around every test."""
+
+    def drop():
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if type(handler) is logging.StreamHandler:
+                root.removeHandler(handler)
+
+    drop()
+    yield
+    drop()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import glob
 import json
-import logging
 import os
 
 import numpy as np
@@ -20,22 +19,6 @@ from seminar_tf import spec
 from seminar_tf.data import synth
 from seminar_tf.data.manifest import verify_output
 from seminar_tf.data.readers import DataError, resolve_files, write_table
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_log_handlers():
-    """``seminar`` CLI calls point a root log handler at the test's captured stderr, which
-    is closed after the test; drop such handlers (also those left by other modules)."""
-
-    def drop():
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if type(handler) is logging.StreamHandler:
-                root.removeHandler(handler)
-
-    drop()
-    yield
-    drop()
 
 
 def _tables(seed=1, users=10, items=40):

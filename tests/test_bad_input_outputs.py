@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import shutil
 import signal
@@ -22,22 +21,6 @@ from seminar_tf.data.manifest import MANIFEST_FILE, verify_output
 from seminar_tf.data.readers import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_log_handlers():
-    """``seminar`` CLI calls point a root log handler at the test's captured stderr, which
-    is closed after the test; drop such handlers (also those left by other modules)."""
-
-    def drop():
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if type(handler) is logging.StreamHandler:
-                root.removeHandler(handler)
-
-    drop()
-    yield
-    drop()
 
 
 @pytest.fixture(scope="module")
