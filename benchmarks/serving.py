@@ -40,6 +40,7 @@ from seminar_tf import spec  # noqa: E402
 TARGET_MS = 10.0  # p99 of the cascade at L = 2,000, batch 1
 SIZES = {
     "num_items": 20_000,
+    "num_users": 10_000,
     "num_attributes": 2_000,
     "num_query_tokens": 20_000,
     "num_queries": 20_000,
@@ -60,7 +61,7 @@ def make_data_dir(root: str, seed: int = 0) -> tuple:
     rng = np.random.default_rng(seed)
     s = SIZES
     data_spec = spec.DataSpec(
-        num_items=s["num_items"], num_attributes=s["num_attributes"],
+        num_items=s["num_items"], num_attributes=s["num_attributes"], num_users=s["num_users"],
         num_query_tokens=s["num_query_tokens"], num_queries=s["num_queries"],
         max_attributes=s["max_attributes"], max_query_tokens=s["max_query_tokens"],
         text_dim=s["text_dim"], image_dim=s["image_dim"], query_text_dim=s["query_text_dim"],
@@ -71,6 +72,7 @@ def make_data_dir(root: str, seed: int = 0) -> tuple:
     tokens = [f"tok{i}" for i in range(s["num_query_tokens"] - n)]
     vocab = {
         "item": [f"item{i:06d}" for i in range(s["num_items"] - n)],
+        "user": [f"user{i:06d}" for i in range(s["num_users"] - n)],
         "attribute": [f"attr{i}" for i in range(s["num_attributes"] - n)],
         "query_token": tokens,
         "query": [
@@ -115,8 +117,10 @@ def make_request(vocab: dict, batch: int, length: int, encoded: bool, seed: int 
     t_has = rng.random(batch) < 0.5
     label = np.where(pad, 0, rng.integers(0, 2, size=(batch, width))).astype(np.int64)
     a = SIZES["max_attributes"]
+    user = rng.integers(0, len(vocab["user"]), size=batch)
     if not encoded:
         return {
+            "user_id": np.asarray(vocab["user"], object)[user],
             spec.TARGET_ATTRIBUTES.name: np.full((batch, a), "", object),  # table's attributes
             "target_item": items[t_item].astype(object),
             "target_query": np.where(t_has, queries[t_query], "").astype(object),
@@ -131,6 +135,7 @@ def make_request(vocab: dict, batch: int, length: int, encoded: bool, seed: int 
     hist_query = np.where(pad | ~has_query, 0, query_idx + n).astype(np.int64)
     t_q = np.where(t_has, t_query + n, 0).astype(np.int64)
     return {
+        "user": (user + n).astype(np.int64),
         spec.TARGET_ATTRIBUTES.name: np.zeros((batch, a), np.int64),
         "target_item": (t_item + n).astype(np.int64),
         "target_query": t_q,

@@ -24,6 +24,12 @@ on the right with each request's first element (see ``export.writer.BATCHING_NOT
 history with more than ``max_len`` real behaviours keeps the ``max_len`` most recent ones;
 ``kept_position`` always indexes the request's own history. An empty history keeps nothing
 and ranks from the target alone.
+
+A model with user features (``SeminarCTR.use_user_features``) also has the retrieval output
+``history_stats`` (statistics of the whole searched history, which the ranking sees only
+through its K kept behaviours) and the ranking inputs ``history_stats`` and the user:
+``user_id`` (raw: a ``StringLookup`` over ``vocab/users.txt``; "" = unknown user, the padding
+id 0; an unseen id is OOV) or ``user`` (encoded, range-checked).
 """
 
 from __future__ import annotations
@@ -113,19 +119,20 @@ class EmptyVocabularyLookup(keras.layers.Layer):
 
 class Vocabularies:
     """The preprocessing vocabularies the serving inputs need, as ``StringLookup`` layers
-    (``spec`` id convention): items, queries, query tokens and attributes. An empty
-    vocabulary file (a part the data set lacks) becomes an :class:`EmptyVocabularyLookup`:
-    requests may still send such values; they are OOV."""
+    (``spec`` id convention): items, queries, query tokens and attributes, and with
+    ``users`` the users. An empty vocabulary file (a part the data set lacks) becomes an
+    :class:`EmptyVocabularyLookup`: requests may still send such values; they are OOV."""
 
     KINDS = ("item", "query", "query_token", "attribute")
 
-    def __init__(self, data_dir: str):
+    def __init__(self, data_dir: str, users: bool = False):
         self.lookups = {}
-        for kind in self.KINDS:
+        for kind in self.KINDS + (("user",) if users else ()):
             file = spec.VOCAB_FILES[kind]
             path = os.path.join(data_dir, spec.VOCAB_DIR, file)
             if not os.path.exists(path):
-                raise FileNotFoundError(f"{data_dir}: no vocabulary {spec.VOCAB_DIR}/{file}")
+                hint = " (written by `seminar preprocess` since user features)" * (kind == "user")
+                raise FileNotFoundError(f"{data_dir}: no vocabulary {spec.VOCAB_DIR}/{file}{hint}")
             with open(path, encoding="utf-8") as f:
                 empty = not f.read(1)
             if empty:
@@ -162,6 +169,7 @@ class ServingGraphs:
         self.max_len = int(max_len)
         self.q = int(max_query_tokens)
         self.short_term = bool(model.short_term_len)
+        self.user_features = bool(getattr(model, "use_user_features", False))
         scorer = model.gsu.scorer
         self.extra_inputs = tuple(getattr(scorer, "serving_features", ()))
         self.pq = spec.PQ_CODES in self.extra_inputs
@@ -178,6 +186,10 @@ class ServingGraphs:
             # of a serving copy: the vocabulary of request attributes, not its per-item table
             "attribute": emb.attribute_vocabulary_size,
         }
+        if self.user_features:
+            if "user" not in vocabularies.lookups:
+                raise ValueError("a model with user features needs Vocabularies(users=True)")
+            self.vocab_sizes["user"] = model.num_users
         for kind, size in self.vocab_sizes.items():
             have = vocabularies.size(kind)
             if have != size and not (kind != "item" and size == 0):
@@ -188,7 +200,9 @@ class ServingGraphs:
                 )
 
     def signature(self, name: str) -> spec.SignatureSpec:
-        return spec.serving_signature(name, self.short_term, self.extra_inputs)
+        return spec.serving_signature(
+            name, self.short_term, self.extra_inputs, user_features=self.user_features
+        )
 
     def signature_names(self, model_name: str) -> list:
         """The signatures of one SavedModel, its default first (``PQ_SIGNATURES`` too for a
@@ -367,6 +381,9 @@ class ServingGraphs:
             result[name] = self._gather_raw(value, indices, kept_mask, "")
         if self.short_term:
             result[spec.SHORT_TERM.name] = tf.cast(out["short_term"], tf.float32)
+        if self.user_features:
+            stats = out[spec.HISTORY_STATS.name]
+            result[spec.HISTORY_STATS.name] = tf.cast(stats, tf.float32)
         return result
 
     # --------------------------------------------------------------------- signatures
@@ -417,12 +434,11 @@ class ServingGraphs:
                 features["kept_score"], message="kept_score must be finite"
             )
         )
-        if self.short_term:
-            checks.append(
-                tf.debugging.assert_all_finite(
-                    features["short_term"], message="short_term must be finite"
+        for name in (spec.SHORT_TERM.name, spec.HISTORY_STATS.name):
+            if name in features:
+                checks.append(
+                    tf.debugging.assert_all_finite(features[name], message=f"{name} must be finite")
                 )
-            )
         if encoded:
             checks += self._check_ids(features, names)
         with tf.control_dependencies(checks):
@@ -431,6 +447,10 @@ class ServingGraphs:
         if not encoded:
             inputs.update(self._encode_raw(features, "target"))
             inputs.update(self._encode_raw(features, "kept"))
+            raw_user = spec.raw_feature(spec.USER).name
+            if raw_user in features:
+                user = self.vocabularies.lookup("user", strip_text(inputs.pop(raw_user)))
+                inputs[spec.USER.name] = user
         probability = self.model.rank(inputs)
         return {spec.PROBABILITY.name: tf.cast(probability, tf.float32)}
 

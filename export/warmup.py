@@ -45,8 +45,9 @@ def example_inputs(
     """A valid request ``{name: numpy array}`` for ``signature``.
 
     Histories have ``length`` columns with a padding slot first and a random number of real
-    behaviours, most recent last; about one behaviour in two has a query; every other target
-    has attributes (``target_attributes``), the others none. Raw signatures draw
+    behaviours, most recent last; about one behaviour in two has a query, about one request
+    in two a user (``user_id`` / ``user``: the others "" / 0); every other target has
+    attributes (``target_attributes``), the others none. Raw signatures draw
     strings from ``vocab_values`` (``{kind: [values]}``) plus one unknown value; encoded ones
     draw ids below ``vocab_sizes`` (``{kind: size}``). Kept behaviours (ranking inputs) fill a
     random prefix of the ``K`` slots.
@@ -62,7 +63,7 @@ def example_inputs(
         kind = spec.vocab_kind(f.name)
         if f.dtype == "string":
             values = _strings(vocab_values.get(kind, []), rng, shape)
-            if kind == "query":
+            if kind in ("query", "user"):  # "" = no query / unknown user
                 values = np.where(rng.random(shape) < 0.5, values, "")
             out[f.name] = values.astype(object)
         elif kind is not None:

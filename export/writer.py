@@ -133,6 +133,8 @@ def _write_text_atomically(path: str, text: str) -> None:
 def _vocab_values(data_dir: str, limit: int = 64) -> dict:
     out = {}
     for kind, file in spec.VOCAB_FILES.items():
+        if not os.path.exists(os.path.join(data_dir, spec.VOCAB_DIR, file)):
+            continue  # users.txt of an output written before user features
         with open(os.path.join(data_dir, spec.VOCAB_DIR, file), encoding="utf-8") as f:
             out[kind] = [line.rstrip("\n") for _, line in zip(range(limit), f)]
     return out
@@ -200,6 +202,7 @@ def _write_saved_model(
         "max_query_tokens": graphs.q,
         "max_attributes": graphs.sizes["A"],
         "embedding_dim": model.embedding_dim,
+        "user_features": graphs.user_features,
         "history": history,
         "search": model.search,
         "pq": (
@@ -263,7 +266,7 @@ def export_model(
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
     data_spec = spec.DataSpec.load(data_dir)
-    vocabularies = Vocabularies(data_dir)
+    vocabularies = Vocabularies(data_dir, users=bool(getattr(model, "use_user_features", False)))
     model._require_cascade("export")
     if preproject_tables:
         model = model.serving_model()

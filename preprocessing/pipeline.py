@@ -78,7 +78,13 @@ class PreprocessConfig:
     test_fraction: float = 0.1
     split_times: tuple = ()  # explicit (t_valid, t_test) for split="time"
     min_counts: dict = dataclasses.field(
-        default_factory=lambda: {"item": 1, "attribute": 1, "query_token": 2, "query": 1}
+        default_factory=lambda: {
+            "item": 1,
+            "attribute": 1,
+            "query_token": 2,
+            "query": 1,
+            "user": 1,
+        }  # fmt: skip
     )
     overwrite: bool = False  # replace an existing out_dir (only after success)
     timestamp_unit: str = "s"  # unit of raw numeric timestamps: s, ms, us, ns

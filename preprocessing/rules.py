@@ -176,7 +176,7 @@ def parse_event(record: dict, rules: ParseRules = DEFAULT_RULES) -> tuple[str, i
     """``(user_id, timestamp, item_id, query, label)`` from a raw event, or raises Invalid."""
     if not isinstance(record, dict):
         raise Invalid("not_a_record", None)
-    user_id = required_str(record, "user_id")
+    user_id = _id(record, "user_id")  # one line of vocab/users.txt
     timestamp = parse_timestamp(record.get("timestamp"), rules)
     item_id = _id(record, "item_id")
     query = parse_query(record.get("query"), rules)

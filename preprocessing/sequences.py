@@ -161,6 +161,7 @@ class EncodeUserSequence(beam.DoFn):
 
         user_id, events = element
         lookups = self._lookup(vocabs)
+        user = lookups.get("user", {}).get(user_id, OOV_ID)
         events, duplicates = drop_duplicate_events(events)
         for dup in duplicates:
             loc = dup[4] if len(dup) > 4 else None
@@ -183,6 +184,7 @@ class EncodeUserSequence(beam.DoFn):
             feat["user_id"].bytes_list.value.append(user_id.encode("utf-8"))
             feat["chunk"].int64_list.value.append(chunk)
             feat["num_prefix"].int64_list.value.append(s - p)
+            feat["user"].int64_list.value.append(user)
             feat["item"].int64_list.value.extend(items[p:e].tolist())
             feat["query"].int64_list.value.extend(query_ids[p:e].tolist())
             feat["query_tokens"].int64_list.value.extend(tokens[p:e].ravel().tolist())

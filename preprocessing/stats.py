@@ -72,6 +72,7 @@ class Summarise(beam.DoFn):
             num_attributes=sizes["num_attributes"],
             num_query_tokens=sizes["num_query_tokens"],
             num_queries=sizes["num_queries"],
+            num_users=len(vocabs.get("user", ())) + spec.NUM_RESERVED_IDS,
             max_attributes=cfg.max_attributes,
             max_query_tokens=cfg.max_query_tokens,
             text_dim=sizes["text_dim"],

@@ -89,7 +89,7 @@ class JoinCatalog(beam.DoFn):
     """Keeps events whose item is in the catalog (a side-input set); rejects the others.
 
     Also emits the bundle's timestamps (``timestamps`` output) for the global split cutoffs,
-    and counts item ids, query strings and query tokens per bundle (emitted in
+    and counts user ids, item ids, query strings and query tokens per bundle (emitted in
     ``finish_bundle`` as ``((kind, value), count)``): a hand-lifted combiner that keeps the
     vocabulary counts off the per-event path.
     """
@@ -123,6 +123,7 @@ class JoinCatalog(beam.DoFn):
             return
         self._timestamps.append(ts)
         self._counts[("item", item_id)] += 1
+        self._counts[("user", user_id)] += 1
         if query.strip():
             self._counts[("query", normalize_query(query))] += 1
             for token in tokenize_query(query, self._max_query_tokens):

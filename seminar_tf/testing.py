@@ -25,6 +25,7 @@ def make_data_spec(
     image_dim: int = 5,
     query_text_dim: int = 4,
     max_len: int = 12,
+    num_users: int = 10,
 ) -> spec.DataSpec:
     """A small :class:`spec.DataSpec`; a dimension of 0 makes that modality absent."""
     return spec.DataSpec(
@@ -38,6 +39,7 @@ def make_data_spec(
         image_dim=image_dim,
         query_text_dim=query_text_dim,
         max_len=max_len,
+        num_users=num_users,
     )
 
 
@@ -119,6 +121,8 @@ def make_features(
     History lengths are uniform in ``[min_history, max_len]``; a fraction ``query_rate`` of
     the events has a query (whose tokens come from :func:`query_token_table`); ``padding``
     is ``"left"``, ``"right"`` or ``"mixed"``. Padded positions are 0 in every feature.
+    ``user`` ids are uniform in ``[0, num_users)`` (0: unknown user), drawn from their own
+    random stream so the other features do not depend on ``num_users``.
     """
     if padding not in ("left", "right", "mixed"):
         raise ValueError(f"`padding` must be 'left', 'right' or 'mixed', got {padding!r}.")
@@ -149,6 +153,9 @@ def make_features(
         "hist_query": hist_query.astype(np.int64),
         "hist_query_tokens": tokens[hist_query].reshape(batch_size, L, Q),
         "hist_label": hist_label.astype(np.int64),
+        "user": np.random.default_rng([seed, 11])
+        .integers(0, max(s.num_users, 1), size=batch_size)
+        .astype(np.int64),
     }
 
 
@@ -216,6 +223,7 @@ def make_planted_data(
         image_dim=0,
         query_text_dim=0,
         max_len=max_len,
+        num_users=spec.NUM_RESERVED_IDS,  # no users: every example's user is unknown (0)
     )
     attrs = np.zeros((num_items, 2), np.int64)
     attrs[lo:, 0] = lo + item_topic[lo:]

@@ -20,7 +20,8 @@ import math
 import numbers
 import os
 
-HISTORY_MODES = ("positive", "all")  # seminar_tf.data.dataset.HISTORY_MODES
+from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
+
 DISTRIBUTE = ("none", "mirrored")
 
 
@@ -66,11 +67,13 @@ class TrainConfig:
     field and the bad value); integers given as numpy integers are stored as ``int``."""
 
     batch_size: int = 256
-    epochs: int = 1
+    # An epoch cap: training stops early on validation AUC (patience epochs without a gain)
+    # and keeps the best epoch's weights, so the cap only bounds the time.
+    epochs: int = 20
     learning_rate: float = 1e-3
     seed: int = 0
     max_len: int | None = None  # None: the preprocessing max_len
-    history: str = "positive"
+    history: str = DEFAULT_HISTORY  # CTR history window (spec.HISTORY_MODES)
     patience: int = 2
     steps_per_epoch: int | None = None  # None: one pass over the split
     validation_steps: int | None = None

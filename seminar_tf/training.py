@@ -158,6 +158,9 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | No
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     data_spec = spec.DataSpec.load(data_dir)
+    # The PSU's tasks model the click sequence (its attention ignores hist_label), so it
+    # pretrains on click histories whatever window the CTR model will use.
+    cfg = dataclasses.replace(cfg, history="positive")
     train, valid, steps, vsteps = _datasets(data_dir, cfg, positives=True)
     with _strategy_scope(cfg):
         psu = build_psu(data_spec, cfg.model, tables=load_tables(data_dir))

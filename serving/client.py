@@ -3,8 +3,9 @@ over TF Serving's gRPC API (``PredictionServiceStub``) or its REST API.
 
 Requests are built from ``seminar_tf.spec.SERVING_SIGNATURES``: the client checks every input
 against the signature (present, dtype, rank) before sending, fills the optional ones the
-caller left out (``target_attributes``) with padding, and pipes the retrieval outputs named
-like ranking inputs (``kept_*``, ``short_term``) into the ranking request. Calls
+caller left out (``target_attributes``; the ranking's ``user_id`` / ``user``: an unknown user)
+with padding, and pipes the retrieval outputs named like ranking inputs (``kept_*``,
+``short_term``, ``history_stats``) into the ranking request. Calls
 have a deadline and are retried on UNAVAILABLE (gRPC) or connection errors / HTTP 503 (REST)
 with exponential backoff; every failure raises :class:`ServingError` naming the stage and,
 where known, the field.
@@ -14,6 +15,7 @@ Example:
 ```python
 client = CascadeClient("localhost:8500")                 # or protocol="rest", port 8501
 ranked = client.rank_candidates(
+    user_id="u042",                                      # optional: "" / None = unknown user
     history=[{"item_id": "i000105", "query": "red shoes", "label": 1}, ...],  # oldest first
     candidates=[{"item_id": "i000159"}, {"item_id": "i000047", "query": "boots"},
                 {"item_id": "a-new-item", "attributes": ["brand_81", "genre_8"]}],
@@ -151,7 +153,8 @@ def pad_histories(histories: list, lead: int = 1) -> dict:
 
     ``lead`` padding slots come first in every row, so a TF Serving batch that pads requests
     with their first element pads with padding (see ``export.writer.BATCHING_NOTE``). A
-    missing ``label`` is 1 (a click: the default history mode keeps clicks only).
+    missing ``label`` is 1 (a click; with the default history mode "all" give every event's
+    label, with "positive" send clicks only).
     """
     width = lead + max((len(h) for h in histories), default=0)
     b = len(histories)
@@ -405,10 +408,12 @@ class CascadeClient:
             if source in served and self._sizes.get(size) is None:
                 self._sizes[size] = _dim(served[source], 1)
         short_term = spec.SHORT_TERM.name in served
-        known = {f.name for f in spec.serving_signature(name, short_term).inputs}
+        # a model with user features (both stages take the user, the ranking the stats)
+        users = spec.raw_feature(spec.USER).name in served or spec.USER.name in served
+        known = {f.name for f in spec.serving_signature(name, short_term, (), users).inputs}
         extra = tuple(_feature_from_metadata(n, served[n]) for n in sorted(set(served) - known))
         sig = spec.serving_signature(
-            name, short_term, extra if stage == spec.RETRIEVAL_MODEL else ()
+            name, short_term, extra if stage == spec.RETRIEVAL_MODEL else (), users
         )
         # An export older than an optional input does not take it: leave it out.
         inputs = tuple(f for f in sig.inputs if f.name in served or not f.optional)
@@ -483,7 +488,7 @@ class CascadeClient:
         except TypeError as e:
             raise ServingError(spec.RETRIEVAL_MODEL, str(e), field=field) from None
 
-    def rank_candidates(self, history: list, candidates: list) -> list:
+    def rank_candidates(self, history: list, candidates: list, user_id: str | None = None) -> list:
         """Scores ``candidates`` (``[{"item_id", "query"?, "attributes"?}]``) for one
         user's ``history`` (``[{"item_id", "query"?, "label"?}]``, oldest first) through the
         cascade (raw signatures; a ``"pq"`` model's history codes come from its ``pq_codes``
@@ -493,7 +498,10 @@ class CascadeClient:
 
         A candidate's ``attributes`` (attribute strings, e.g. of an item the model has never
         seen) replace the attributes the model's item table has for its ``item_id``; without
-        them (or with an empty list) the table's are used. See :func:`pad_attributes`."""
+        them (or with an empty list) the table's are used. See :func:`pad_attributes`.
+
+        ``user_id``: the user as in the logs, for a model with user features (None or "" =
+        unknown user: "" is sent); a served model without user features ignores it."""
         if self.encoded:
             raise ValueError("rank_candidates uses the raw signatures; create the client "
                              "with encoded=False")  # fmt: skip
@@ -509,6 +517,13 @@ class CascadeClient:
         attributes = self._target_attributes(candidates)
         if attributes is not None:
             features[spec.TARGET_ATTRIBUTES.name] = attributes
+        user_input = spec.raw_feature(spec.USER).name
+        if user_input in {f.name for f in self._signature(spec.RETRIEVAL_MODEL).inputs}:
+            if user_id is not None and not isinstance(user_id, str):
+                raise ServingError(
+                    spec.RANKING_MODEL, f"expects a string, got {user_id!r}", field=user_input
+                )
+            features[user_input] = [user_id or ""] * b
         retrieved, probability = self.cascade(features)
         lead = hist["hist_item"].shape[1] - len(history)
         ranked = []

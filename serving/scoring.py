@@ -71,7 +71,7 @@ class _Cascade:
         # Encoded examples carry no target attributes: padding keeps the item table's.
         self.attributes = signature.get(spec.TARGET_ATTRIBUTES.name)
         skip = (spec.PQ_CODES.name, spec.TARGET_ATTRIBUTES.name)
-        self.inputs = [n for n in signature if n not in skip]
+        self.inputs = [n for n in signature if n not in skip]  # the user too, when taken
         self.rank_inputs = list(self.rank.structured_input_signature[1])
 
     def __call__(self, batch: dict) -> np.ndarray:

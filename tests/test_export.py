@@ -61,13 +61,16 @@ def _dataset_batch(tiny, n=32):
 def _ranking_inputs(features, kept):
     out = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES}
     out.update({f.name: kept[f.name] for f in spec.KEPT_FEATURES})
+    if spec.HISTORY_STATS.name in kept:  # a model with user features
+        out[spec.HISTORY_STATS.name] = kept[spec.HISTORY_STATS.name]
+        out[spec.USER.name] = features[spec.USER.name]
     return out
 
 
 def _python_encoder(data_dir):
     """The preprocessing's own (Python) encoding of raw strings, as in preprocessing/."""
     tables = {}
-    for kind in ("item", "query", "query_token", "attribute"):
+    for kind in ("item", "query", "query_token", "attribute", "user"):
         path = os.path.join(data_dir, spec.VOCAB_DIR, spec.VOCAB_FILES[kind])
         with open(path, encoding="utf-8") as f:
             tables[kind] = lookup_table([line.rstrip("\n") for line in f])
@@ -107,7 +110,13 @@ def _python_encoder(data_dir):
             dec = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])
             values = dec(np.asarray(raw["target_attributes"], dtype=object))
             out["target_attributes"] = np.vectorize(attribute, otypes=[np.int64])(values)
-        for name in ("hist_label", "kept_label", "kept_score"):
+        if "user_id" in raw:
+            dec = np.vectorize(lambda b: b.decode() if isinstance(b, bytes) else b, otypes=[object])
+            out["user"] = np.array(
+                [tables["user"].get(u.strip(), spec.OOV_ID) if u.strip() else 0
+                 for u in dec(np.asarray(raw["user_id"], dtype=object))], np.int64,
+            )  # fmt: skip
+        for name in ("hist_label", "kept_label", "kept_score", spec.HISTORY_STATS.name):
             if name in raw:
                 out[name] = raw[name]
         return out
@@ -117,12 +126,16 @@ def _python_encoder(data_dir):
 
 def _raw_requests(tiny, n_users=6, length=15):
     """Raw histories and targets from the synthetic event logs, with unknown ids and queries
-    that need normalising mixed in."""
+    that need normalising mixed in; users known, unseen ("never-seen-user"), "" (unknown)
+    and padded with spaces."""
     import pyarrow.parquet as pq
 
     events = pq.read_table(os.path.join(tiny["raw"], "events.parquet")).to_pandas()
-    histories, targets = [], []
-    for i, (_, rows) in enumerate(events.sort_values(["user_id", "timestamp"]).groupby("user_id")):
+    histories, targets, users = [], [], []
+    for i, (user, rows) in enumerate(
+        events.sort_values(["user_id", "timestamp"]).groupby("user_id")
+    ):
+        users.append({3: "never-seen-user", 4: "", 5: f"  {user} "}.get(i, user))
         if len(histories) == n_users:
             break
         rows = rows.to_dict("records")
@@ -139,6 +152,7 @@ def _raw_requests(tiny, n_users=6, length=15):
     features["target_item"] = np.array([t["item_id"].encode() for t in targets], dtype=object)
     features["target_query"] = np.array([t["query"].encode() for t in targets], dtype=object)
     features["target_attributes"] = _no_attributes(tiny, len(targets), raw=True)
+    features["user_id"] = np.array([u.encode() for u in users[: len(targets)]], dtype=object)
     return features
 
 
@@ -189,13 +203,14 @@ def test_layout_configs_and_metadata(tiny):
         for part in ("saved_model.pb", "variables", "assets.extra/tf_serving_warmup_requests"):
             assert os.path.exists(os.path.join(version, part)), part
         assets = sorted(os.listdir(os.path.join(version, "assets")))
-        assert assets == sorted(spec.VOCAB_FILES[k] for k in graph.Vocabularies.KINDS)
+        kinds = graph.Vocabularies.KINDS + ("user",)  # the tiny model has user features
+        assert assets == sorted(spec.VOCAB_FILES[k] for k in kinds)
         meta = writer.read_metadata(version)
         assert meta["model"] == name and meta["version"] == 1 and meta["max_len"] == MAX_LEN
         assert meta["default_signature"] == spec.DEFAULT_SIGNATURES[name]
         for sig_name, sig in meta["signatures"].items():
             assert [f["name"] for f in sig["inputs"]] == [
-                f.name for f in spec.SERVING_SIGNATURES[sig_name].inputs
+                f.name for f in spec.serving_signature(sig_name, user_features=True).inputs
             ]
         assert not [n for n in os.listdir(os.path.join(out, name)) if not n.isdigit()]
     config = text_format.Parse(
@@ -262,7 +277,13 @@ def test_raw_signatures_equal_the_python_encoding(tiny, model, loaded):
         "target_attributes": raw["target_attributes"],
         **{f.name: retrieved[f.name] for f in spec.SERVING_SIGNATURES["rank"].inputs
            if f.name.startswith("kept_")},
+        "user_id": raw["user_id"], "history_stats": retrieved["history_stats"],
     }  # fmt: skip
+    assert encoded["user"].tolist()[3:] == [spec.OOV_ID, spec.PAD_ID, encoded["user"][5]]
+    assert encoded["user"][0] >= spec.NUM_RESERVED_IDS and encoded["user"][5] >= 2
+    np.testing.assert_allclose(
+        retrieved["history_stats"], enc_retrieved["history_stats"], rtol=1e-6
+    )
     probability = _call(loaded, "rank", ranking)["probability"]
     np.testing.assert_allclose(probability, expected, rtol=1e-5, atol=1e-6)
     # The raw ranking equals the encoded ranking on the Python-encoded kept behaviours.
@@ -467,9 +488,9 @@ def test_empty_history_and_unknown_ids_give_defined_results(tiny, loaded, model)
     raw["hist_label"][1] = 0
     out = _call(loaded, "retrieve", raw)
     assert (out["kept_position"][1] == -1).all() and not out["kept_item"][1].any()
-    names = {f.name for f in spec.SERVING_SIGNATURES["rank"].inputs}
+    names = {f.name for f in spec.serving_signature("rank", user_features=True).inputs}
     ranking = {"target_item": raw["target_item"], "target_query": raw["target_query"],
-               "target_attributes": raw["target_attributes"],
+               "target_attributes": raw["target_attributes"], "user_id": raw["user_id"],
                **{k: v for k, v in out.items() if k in names}}  # fmt: skip
     probability = _call(loaded, "rank", ranking)["probability"]
     assert np.all(np.isfinite(probability)) and probability.shape == (3,)
@@ -562,7 +583,7 @@ def test_short_term_model_exports_the_extra_feature(tiny):
     model = build_model(data_spec, {"embedding_dim": 8, "num_heads": 2, "top_k": 4,
                                     "hidden_units": [8], "short_term_len": 3},
                         training.load_tables(tiny["data"]))  # fmt: skip
-    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"]), MAX_LEN,
+    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"], users=True), MAX_LEN,
                                  data_spec.max_query_tokens)  # fmt: skip
     assert "short_term" in [f.name for f in graphs.signature("rank").inputs]
     assert "short_term" in [f.name for f in graphs.signature("retrieve").outputs]
@@ -616,7 +637,7 @@ def test_a_scorer_can_add_stored_codes_to_the_retrieval_signature(tiny):
     model = build_model(data_spec, {"embedding_dim": 8, "num_heads": 2, "top_k": 3,
                                     "hidden_units": [8], "search": "test_stored_codes"},
                         training.load_tables(tiny["data"]))  # fmt: skip
-    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"]), MAX_LEN,
+    graphs = graph.ServingGraphs(model, graph.Vocabularies(tiny["data"], users=True), MAX_LEN,
                                  data_spec.max_query_tokens)  # fmt: skip
     for name in ("retrieve", "retrieve_encoded"):
         assert graphs.signature(name).inputs[-1].name == "hist_codes"

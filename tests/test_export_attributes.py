@@ -85,6 +85,7 @@ def _requests(tiny, targets: list, attributes: list) -> tuple:
         "hist_item": by_id[hist_ids],
         "hist_query": np.full(hist_ids.shape, b"", object),
         "hist_label": (hist_ids > 0).astype(np.int64),
+        "user_id": np.full(b, b"", object),  # unknown user
     }
     encoded = {
         "target_item": np.array([ids.get(t, spec.OOV_ID) for t in targets], np.int64),
@@ -95,6 +96,7 @@ def _requests(tiny, targets: list, attributes: list) -> tuple:
         "hist_query": np.zeros_like(hist_ids),
         "hist_query_tokens": np.zeros(hist_ids.shape + (q,), np.int64),
         "hist_label": raw["hist_label"],
+        "user": np.zeros(b, np.int64),
     }
     return raw, encoded
 
@@ -106,11 +108,17 @@ def _call(loaded, signature, inputs):
     return {k: v.numpy() for k, v in out.items()}
 
 
+def _input_names(loaded, signature) -> set:
+    """The inputs the exported ``signature`` takes (the user inputs included)."""
+    model = {**spec.SERVING_SIGNATURES, **spec.PQ_SIGNATURES}[signature].model
+    return set(loaded[model].signatures[signature].structured_input_signature[1])
+
+
 def _cascade(loaded, features, encoded: bool):
     """``(retrieved, probability [B])`` of ``retrieve[_encoded]`` -> ``rank[_encoded]``."""
     suffix = "_encoded" if encoded else ""
     retrieved = _call(loaded, "retrieve" + suffix, features)
-    names = {f.name for f in spec.SERVING_SIGNATURES["rank" + suffix].inputs}
+    names = _input_names(loaded, "rank" + suffix)
     ranking = {k: v for k, v in {**features, **retrieved}.items() if k in names}
     return retrieved, _call(loaded, "rank" + suffix, ranking)["probability"]
 
@@ -224,7 +232,7 @@ def test_invalid_encoded_attributes_are_refused(tiny, loaded, signature, change,
     features = _encoded_request(tiny)
     if signature == "rank_encoded":
         retrieved = _call(loaded, "retrieve_encoded", features)
-        names = {f.name for f in spec.SERVING_SIGNATURES[signature].inputs}
+        names = _input_names(loaded, signature)
         features = {k: v for k, v in {**features, **retrieved}.items() if k in names}
     change(features)
     with pytest.raises((tf.errors.InvalidArgumentError, TypeError, ValueError), match=match):

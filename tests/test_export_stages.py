@@ -23,8 +23,11 @@ def _cascade(model, features):
     kept = model.gather_kept(features, retrieved)
     targets = [f for f in spec.SERVING_TARGET_FEATURES if f.name in features]
     ranking = {**{f.name: features[f.name] for f in targets}, **kept}
-    if "short_term" in retrieved:
-        ranking["short_term"] = retrieved["short_term"]
+    for name in ("short_term", spec.HISTORY_STATS.name):
+        if name in retrieved:
+            ranking[name] = retrieved[name]
+    if spec.USER.name in features:
+        ranking[spec.USER.name] = features[spec.USER.name]
     return retrieved, kept, model.rank(ranking)
 
 

@@ -311,7 +311,9 @@ def test_raw_signatures_take_what_the_model_never_saw(built):
     raw["target_item"] = np.array([c["item_id"].encode() for c in candidates], object)
     raw["target_query"] = np.array([c.get("query", "").encode() for c in candidates], object)
     raw["target_attributes"] = pad_attributes([c.get("attributes") for c in candidates], width)
+    raw["user_id"] = np.full(len(candidates), b"", object)  # unknown user
     encoded = _keras_request(built["data"], history, candidates)
+    encoded.setdefault("user", np.zeros(len(candidates), np.int64))
     if "query" in absent:
         assert set(encoded["target_query"].tolist()) == {spec.PAD_ID, spec.OOV_ID}
         assert set(np.unique(encoded["hist_query_tokens"])) == {spec.PAD_ID, spec.OOV_ID}
@@ -320,13 +322,13 @@ def test_raw_signatures_take_what_the_model_never_saw(built):
 
     def cascade(features, suffix):
         inputs = {k: tf.constant(v) for k, v in features.items()}
-        retrieve = spec.SERVING_SIGNATURES["retrieve" + suffix]
-        out = loaded["retrieval"].signatures["retrieve" + suffix](
-            **{f.name: inputs[f.name] for f in retrieve.inputs}
-        )
-        names = {f.name for f in spec.SERVING_SIGNATURES["rank" + suffix].inputs}
-        rank = {k: v for k, v in {**inputs, **out}.items() if k in names}
-        probability = loaded["ranking"].signatures["rank" + suffix](**rank)["probability"]
+        retrieve = loaded["retrieval"].signatures["retrieve" + suffix]
+        out = retrieve(**{n: inputs[n] for n in retrieve.structured_input_signature[1]})
+        rank = loaded["ranking"].signatures["rank" + suffix]
+        merged = {**inputs, **out}
+        probability = rank(**{n: merged[n] for n in rank.structured_input_signature[1]})[
+            "probability"
+        ]
         return {k: v.numpy() for k, v in out.items()}, probability.numpy()
 
     raw_out, raw_p = cascade(raw, "")

@@ -147,6 +147,8 @@ def test_join_catalog_rejects_unknown_items_and_counts_vocab():
             equal_to(
                 [
                     (("item", "a"), 2),
+                    (("user", "u1"), 1),  # the event of unknown item "zzz" is not counted
+                    (("user", "u2"), 1),
                     (("query", "red red"), 1),
                     (("query_token", "red"), 2),
                 ]

@@ -56,9 +56,9 @@ def _candidates(vocab):
     ]
 
 
-def _reference(tiny, history, candidates):
+def _reference(tiny, history, candidates, user_id=""):
     """The same cascade through the SavedModels in process (tf.saved_model.load); the
-    candidates' ``attributes`` (if any) as ``target_attributes``."""
+    candidates' ``attributes`` (if any) as ``target_attributes``, the user as ``user_id``."""
     loaded = {
         m: tf.saved_model.load(writer.version_dir(tiny["export"], m)) for m in spec.SERVING_MODELS
     }
@@ -67,12 +67,13 @@ def _reference(tiny, history, candidates):
     features["target_query"] = np.array([c.get("query", "").encode() for c in candidates], object)
     width = spec.DataSpec.load(tiny["data"]).max_attributes
     features["target_attributes"] = pad_attributes([c.get("attributes") for c in candidates], width)
+    features["user_id"] = np.array([user_id.encode()] * len(candidates), object)
     retrieve = loaded["retrieval"].signatures["serving_default"]
     out = {
         k: v.numpy()
         for k, v in retrieve(**{k: tf.constant(v) for k, v in features.items()}).items()
     }
-    names = {f.name for f in spec.SERVING_SIGNATURES["rank"].inputs}
+    names = {f.name for f in spec.serving_signature("rank", user_features=True).inputs}
     ranking = {k: v for k, v in {**features, **out}.items() if k in names}
     rank = loaded["ranking"].signatures["serving_default"]
     return out, rank(**{k: tf.constant(v) for k, v in ranking.items()})["probability"].numpy()
@@ -116,7 +117,7 @@ def test_encoded_cascade_and_metadata(tiny, server):
     sigs = meta["signature_def"]
     assert {"retrieve", "retrieve_encoded", "serving_default"} <= set(sigs)
     assert set(sigs["retrieve"]["inputs"]) == {
-        f.name for f in spec.SERVING_SIGNATURES["retrieve"].inputs
+        f.name for f in spec.serving_signature("retrieve", user_features=True).inputs
     }
 
 
@@ -155,6 +156,7 @@ def test_server_is_dtype_and_rank_strict_like_tf_serving(tiny, server, vocab):
     good = pad_histories([_history(vocab, 3)])
     good["target_item"] = np.array([vocab["item"][0].encode()], object)
     good["target_query"] = np.array([b""], object)
+    good["user_id"] = np.array([b""], object)
     good["target_attributes"] = pad_attributes(
         [None], spec.DataSpec.load(tiny["data"]).max_attributes
     )
@@ -227,7 +229,8 @@ def test_client_errors_name_stage_and_field(server, vocab):
     with pytest.raises(ServingError) as e:
         raw.rank({"target_item": ["x"], "target_query": [""], "kept_item": [[""] * 8],
                   "kept_query": [[""] * 8], "kept_label": [[0] * 8],
-                  "kept_score": [[float("nan")] + [0.0] * 7]})  # fmt: skip
+                  "kept_score": [[float("nan")] + [0.0] * 7],
+                  "history_stats": [[0.0, 0.0]]})  # fmt: skip
     assert e.value.stage == "ranking" and e.value.field == "kept_score" and e.value.code == 400
     wrong = CascadeClient(server.grpc_target, ranking_model="no-such-model")
     with pytest.raises(ServingError) as e:

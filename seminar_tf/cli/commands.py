@@ -112,6 +112,7 @@ def cmd_preprocess(args, beam_args) -> int:
                 "attribute": args.min_attribute_count,
                 "query_token": args.min_token_count,
                 "query": args.min_query_count,
+                "user": args.min_user_count,
             },
             overwrite=args.overwrite,
             timestamp_unit=args.timestamp_unit,
@@ -187,6 +188,8 @@ def train_config(args):
             steps_per_epoch=args.steps_per_epoch,
             learning_rate=args.learning_rate,
             distribute=args.distribute,
+            patience=args.patience,
+            history=args.history,
         )
         cfg.model = {**cfg.model, **model_overrides}
         check_model_config(cfg.model, "psu" if args.command == "pretrain" else "ctr")
@@ -307,9 +310,14 @@ def cmd_query(args, extra) -> int:
         raise UsageError(f"--request: {e}") from None
     if not isinstance(request, dict) or not isinstance(request.get("candidates"), list):
         raise UsageError('--request: expects {"history": [...], "candidates": [...]}')
+    user_id = request.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        raise UsageError(f'--request: "user_id" must be a string, got {user_id!r}')
     client = CascadeClient(args.server, protocol=args.protocol, timeout_s=args.timeout)
     try:
-        ranked = client.rank_candidates(request.get("history", []), request["candidates"])
+        ranked = client.rank_candidates(
+            request.get("history", []), request["candidates"], user_id=user_id
+        )
     except ServingError as e:
         raise UsageError(str(e)) from None
     finally:

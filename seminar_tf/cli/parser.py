@@ -8,6 +8,7 @@ from seminar_tf.cli import commands
 from seminar_tf.cli.options import (
     Parser,
     fraction,
+    nonneg_int,
     port,
     positive_float,
     positive_int,
@@ -19,7 +20,20 @@ def _add_train_args(p, with_pretrained: bool) -> None:
     p.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--config", help="JSON file of TrainConfig fields (model settings in 'model')")
-    p.add_argument("--epochs", type=positive_int, help="passes over the data (default: 1)")
+    p.add_argument(
+        "--epochs", type=positive_int,
+        help="most epochs (default: 20; training early-stops on the validation metric after "
+        "--patience epochs without a gain and keeps the best epoch's weights)",
+    )  # fmt: skip
+    p.add_argument(
+        "--patience", type=nonneg_int, help="epochs without a validation gain before stopping "
+        "(default: 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--history", choices=("all", "positive"),
+        help="history window: all earlier events with their labels, or earlier clicks only "
+        "(default: all; pretrain always uses clicks)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=positive_int, help="examples per step (default: 256)")
     p.add_argument(
         "--max-len", type=positive_int, help="longest history (default: preprocessing's)"
@@ -107,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--min-query-count", type=positive_int, default=1, help="rarer queries map to OOV"
     )
+    pre.add_argument(
+        "--min-user-count", type=positive_int, default=1,
+        help="users with fewer events map to OOV (vocab/users.txt)",
+    )  # fmt: skip
     pre.add_argument(
         "--overwrite", action="store_true",
         help="replace an existing --out (only after the new run succeeds)",

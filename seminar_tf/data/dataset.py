@@ -2,9 +2,9 @@
 
 Each target gets its history window cut at read time: the up-to-L most recent events strictly
 earlier than the target (events sharing the target's timestamp are not history), oldest first
-and left-padded with 0, so position L-1 is the most recent behaviour. With
-``history="positive"`` (the default, as in the long-sequence CTR literature) the window holds
-the L most recent clicked events instead.
+and left-padded with 0, so position L-1 is the most recent behaviour; with ``history="all"``
+(``spec.DEFAULT_HISTORY``) clicks and non-clicks with their labels, with ``history="positive"``
+(the long-sequence CTR literature's protocol) the L most recent clicked events instead.
 """
 
 from __future__ import annotations
@@ -16,19 +16,20 @@ import tensorflow as tf
 
 from seminar_tf import spec
 
-HISTORY_MODES = ("positive", "all")
+HISTORY_MODES = spec.HISTORY_MODES
 TARGET_MODES = ("all", "positive")
 _TARGET_BLOCK = 256
 
 
 def parse_spec() -> dict:
     """The ``tf.io.parse_single_example`` features of a stored sequence record."""
-    features = {
-        "user_id": tf.io.FixedLenFeature([], tf.string),
-        "chunk": tf.io.FixedLenFeature([], tf.int64),
-        "num_prefix": tf.io.FixedLenFeature([], tf.int64),
-        spec.SEQ_QUERY_TOKENS: tf.io.RaggedFeature(tf.int64),
-    }
+    features = {name: tf.io.FixedLenFeature([], tf.string) for name in spec.SEQ_CONTEXT_BYTES}
+    for name in spec.SEQ_CONTEXT_INT:
+        # Records written before the user vocabulary have no ``user``: padding (0) there, and
+        # a model with user features refuses such an output (no ``num_users`` in its schema).
+        default = spec.PAD_ID if name == spec.USER.name else None
+        features[name] = tf.io.FixedLenFeature([], tf.int64, default_value=default)
+    features[spec.SEQ_QUERY_TOKENS] = tf.io.RaggedFeature(tf.int64)
     for name in spec.SEQ_COLUMNS:
         features[name] = tf.io.RaggedFeature(tf.int64)
     return features
@@ -82,6 +83,7 @@ def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history:
         "hist_query": hist(record["query"]),
         "hist_query_tokens": tf.gather(tokens, idx) * valid64[:, :, None],
         "hist_label": hist(record["label"]),
+        "user": tf.fill(tf.shape(targets), record["user"]),
         "label": tf.cast(tf.gather(record["label"], targets), tf.float32),
         "user_id": tf.fill(tf.shape(targets), record["user_id"]),
         "timestamp": tf.gather(ts, targets),
@@ -94,7 +96,7 @@ def make_dataset(
     split: str = "train",
     batch_size: int = 256,
     max_len: int | None = None,
-    history: str = "positive",
+    history: str = spec.DEFAULT_HISTORY,
     targets: str = "all",
     shuffle: bool = False,
     shuffle_buffer: int = 20_000,

@@ -31,9 +31,15 @@ _DATA_ARGS = (
 )
 
 
-def data_kwargs(data_spec: spec.DataSpec) -> dict:
-    """The constructor arguments that come from the data: vocabulary sizes and dimensions."""
-    return {name: getattr(data_spec, name) for name in _DATA_ARGS}
+# Data arguments of SeminarCTR only (the PSU and the pair embedding have no user input).
+_CTR_DATA_ARGS = ("num_users",)
+
+
+def data_kwargs(data_spec: spec.DataSpec, users: bool = False) -> dict:
+    """The constructor arguments that come from the data: vocabulary sizes and dimensions
+    (with ``users``, also ``num_users``, which only :class:`SeminarCTR` takes)."""
+    names = _DATA_ARGS + (_CTR_DATA_ARGS if users else ())
+    return {name: getattr(data_spec, name) for name in names}
 
 
 def _model_kwargs(cls, data_spec, config, what):
@@ -47,13 +53,13 @@ def _model_kwargs(cls, data_spec, config, what):
         config = {**PRESETS[preset], **config}
     allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "tables", "kwargs"}
     allowed.add("name")
-    data_keys = sorted(set(config) & set(_DATA_ARGS))
+    data_keys = sorted(set(config) & set(_DATA_ARGS + _CTR_DATA_ARGS))
     if data_keys:
         raise ValueError(f"config keys {data_keys} come from the DataSpec; remove them.")
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"Unknown {what} config key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return {**data_kwargs(data_spec), **config}
+    return {**data_kwargs(data_spec, users=cls is SeminarCTR), **config}
 
 
 def build_model(

@@ -12,6 +12,10 @@ SEMINAR itself and its baselines are configurations of this one model:
 | ``search="recent"`` | DIN over the last K behaviours |
 | ``search="all"`` | target attention over the whole history (no first stage) |
 | ``use_history=False`` | a DNN on the target pair only |
+
+Every configuration also has a user tower (``use_user_features``, default on): a user-id
+embedding and two statistics of the history the model is given (see
+:func:`history_statistics`), concatenated into the MLP input.
 """
 
 from __future__ import annotations
@@ -89,6 +93,25 @@ def copy_layer_weights(source, target, skip=(), check_extra=True, what="layer") 
     return [n for n, _, _ in pairs]
 
 
+# Width of the Dense layer the history statistics go through in the user tower.
+USER_STATS_UNITS = 8
+
+
+def history_statistics(hist_item, hist_label):
+    """``[B, 2]`` float32: ``log1p`` of the number of real (non-padding) behaviours of each
+    history and their click rate (mean ``hist_label`` over real behaviours; 0 when none).
+
+    Computed from the model's own history inputs, which hold only events strictly earlier
+    than the target (the tf.data reader's window; a serving request's history), so nothing
+    at or after the target can leak, and training and serving compute it alike. With
+    ``history="positive"`` (clicks only) the rate is 1 for any non-empty history."""
+    real = ops.cast(ops.not_equal(hist_item, 0), "float32")
+    clicks = ops.cast(ops.clip(ops.cast(hist_label, "int32"), 0, 1), "float32") * real
+    count = ops.sum(real, axis=-1)
+    rate = ops.sum(clicks, axis=-1) / ops.maximum(count, 1.0)
+    return ops.stack([ops.log1p(count), rate], axis=-1)
+
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -118,7 +141,10 @@ class SeminarCTR(keras.Model):
        GSU weights; otherwise the GSU is not trained by the CTR loss (its layer is marked
        non-trainable);
     4. an MLP (ReLU, dropout) on ``[target, esu, target * esu]`` (plus the mean pair of the
-       last ``short_term_len`` behaviours when > 0), then a sigmoid.
+       last ``short_term_len`` behaviours when > 0; plus, with ``use_user_features``, the
+       user tower: the embedding of ``user`` (``[B]``, 0 = unknown user: a zero vector) and
+       :func:`history_statistics` through a small Dense ``user_stats``), then a sigmoid.
+       A call without ``user`` treats every user as unknown (padding).
 
     ``call`` returns the click probability, shape ``[B]`` (float32). Compile with
     ``loss="binary_crossentropy"`` and labels ``[B]``. ``call``, :meth:`retrieve` and
@@ -148,6 +174,11 @@ class SeminarCTR(keras.Model):
             from construction on; ``G(j)``, the ESU and the MLP still train.
         request_num_attributes, request_max_attributes: set by :meth:`serving_model` (see
             ``MultiModalPairEmbedding``); 0 otherwise.
+        num_users: user vocabulary size (``spec.DataSpec.num_users``, 2 reserved ids
+            included); needed with ``use_user_features``.
+        use_user_features: add the user tower (every preset, ``dnn`` included). False gives
+            the model without it; a model saved before the option existed loads as False.
+        user_embedding_l2: L2 regularisation factor of the user-id embedding table (0: off).
         tables: optional side tables (``spec.TABLE_ARRAYS``), not part of ``get_config``.
         **kwargs: ``keras.Model`` arguments.
 
@@ -188,10 +219,27 @@ class SeminarCTR(keras.Model):
         freeze_pretrained: bool = False,
         request_num_attributes: int = 0,
         request_max_attributes: int = 0,
+        num_users: int = 0,
+        use_user_features: bool = True,
+        user_embedding_l2: float = 0.0,
         tables: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.use_user_features = bool(use_user_features)
+        if isinstance(num_users, bool) or not isinstance(num_users, (int, np.integer)):
+            raise ValueError(f"`num_users` must be an integer, got {num_users!r}.")
+        self.num_users = int(num_users)
+        if self.use_user_features and self.num_users < spec.NUM_RESERVED_IDS:
+            raise ValueError(
+                "`use_user_features` needs the user vocabulary size `num_users` (>= 2) from "
+                f"the data, got {num_users!r}: a preprocessing output written before user "
+                "features has no `num_users` in its schema.json; re-run `seminar preprocess`, "
+                'or set "use_user_features": false.'
+            )
+        if not 0.0 <= float(user_embedding_l2):
+            raise ValueError(f"`user_embedding_l2` must be >= 0, got {user_embedding_l2!r}.")
+        self.user_embedding_l2 = float(user_embedding_l2)
         self.num_heads = _positive_int("num_heads", num_heads)
         self.top_k = _positive_int("top_k", top_k)
         if search != NO_SEARCH:
@@ -281,6 +329,11 @@ class SeminarCTR(keras.Model):
             if self.dropout:
                 self.mlp_layers.append(keras.layers.Dropout(self.dropout, name=f"mlp_dropout_{i}"))
         self.logit_layer = keras.layers.Dense(1, name="logit")
+        self.user_stats = (
+            keras.layers.Dense(USER_STATS_UNITS, activation="relu", name="user_stats")
+            if self.use_user_features
+            else None
+        )
         if self.freeze_pretrained:
             self.pair_embedding.trainable = False
             if self.gsu is not None and search in ATTENTION_SCORERS:
@@ -292,6 +345,8 @@ class SeminarCTR(keras.Model):
         dim = d
         if self.use_history:
             dim += 2 * d + (d if self.short_term_len else 0)
+        if self.use_user_features:
+            dim += d + USER_STATS_UNITS
         return dim
 
     def build(self, input_shape=None):
@@ -313,6 +368,16 @@ class SeminarCTR(keras.Model):
                     name="history_label_embeddings", shape=(2, d), initializer="zeros"
                 )
             self.esu.build((None, d), (None, None, d))
+        if self.use_user_features:
+            regularizer = (
+                keras.regularizers.L2(self.user_embedding_l2) if self.user_embedding_l2 else None
+            )
+            self.user_embeddings = self.add_weight(
+                name="user_embeddings", shape=(self.num_users, d),
+                initializer=keras.initializers.RandomUniform(-0.05, 0.05),
+                regularizer=regularizer,
+            )  # fmt: skip
+            self.user_stats.build((None, 2))
         dim = self._mlp_input_dim()
         for layer in self.mlp_layers:
             if isinstance(layer, keras.layers.Dense):
@@ -323,6 +388,13 @@ class SeminarCTR(keras.Model):
 
     def build_from_config(self, config):
         self.build()
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        # Saved before user features existed: no user tower (and no `user` input).
+        config.setdefault("use_user_features", False)
+        return super().from_config(config, custom_objects=custom_objects)
 
     def set_tables(self, tables: dict):
         """Assigns the side tables (see ``MultiModalPairEmbedding.set_tables``)."""
@@ -423,7 +495,35 @@ class SeminarCTR(keras.Model):
             features += [pooled, target_pair * pooled]
             if self.short_term_len:
                 features.append(self._short_term(hist_pair, mask))
+        if self.use_user_features:
+            features += self._user_tower(inputs, self.history_stats(inputs))
         return self._mlp_head(features, training=training)
+
+    # ----------------------------------------------------------------------------- user tower
+    @staticmethod
+    def history_stats(inputs):
+        """:func:`history_statistics` of ``inputs["hist_item"]`` / ``["hist_label"]``
+        ``[B, 2]``; zeros (an empty history) when the inputs have no history."""
+        hist_item = inputs.get("hist_item")
+        if hist_item is None:
+            batch = ops.shape(inputs["target_item"])[0]
+            return ops.zeros((batch, 2), "float32")
+        hist_label = inputs.get("hist_label")
+        if hist_label is None:
+            hist_label = ops.zeros_like(hist_item)
+        return history_statistics(hist_item, hist_label)
+
+    def _user_tower(self, inputs, stats) -> list:
+        """``[user vector [B, d], stats vector [B, USER_STATS_UNITS]]``: the embedding of
+        ``inputs["user"]`` (a missing input or id 0 -> a zero vector) and ``stats``
+        (``[B, 2]``, :func:`history_statistics`) through the ``user_stats`` Dense."""
+        user = inputs.get(spec.USER.name)
+        if user is None:
+            user = ops.zeros_like(inputs["target_item"])
+        user = ops.reshape(ops.cast(user, "int32"), (-1,))
+        present = ops.cast(ops.not_equal(user, spec.PAD_ID), "float32")
+        vector = ops.take(self.user_embeddings, user, axis=0) * ops.expand_dims(present, -1)
+        return [vector, self.user_stats(ops.cast(stats, "float32"))]
 
     def _gsu_inputs(self, t_vec, t_mask, target_pair, h_vec, h_mask, h_weights, hist_pair=None):
         """``(gsu_target, gsu_keys, target_parts, key_parts)``: with per-modality projections
@@ -488,7 +588,9 @@ class SeminarCTR(keras.Model):
         Returns:
             ``{"indices": [B, K] int32, "kept_mask": [B, K] bool, "scores": [B, K] float32}``
             as :class:`TopKSearch` returns them (index 0 and score 0 where nothing is kept),
-            plus ``"short_term": [B, d]`` when ``short_term_len > 0``.
+            plus ``"short_term": [B, d]`` when ``short_term_len > 0`` and ``"history_stats":
+            [B, 2]`` (:func:`history_statistics` of the searched history, which the ranking
+            cannot see whole) with ``use_user_features`` (``hist_label`` is needed then).
         """
         self._require_cascade("retrieve")
         emb = self.pair_embedding
@@ -532,6 +634,8 @@ class SeminarCTR(keras.Model):
                     weights = emb.fusion_weights(h_mask)
                 hist_pair = emb.fuse(h_vec, h_mask, weights)
             out["short_term"] = self._short_term(hist_pair, mask)
+        if self.use_user_features:
+            out[spec.HISTORY_STATS.name] = history_statistics(hist_item, inputs["hist_label"])
         return out
 
     def _gsu_target(self, t_vec, t_mask, target_pair):
@@ -593,7 +697,9 @@ class SeminarCTR(keras.Model):
         Args:
             inputs: ``spec.TARGET_FEATURES`` and ``spec.KEPT_FEATURES`` ``[B, K...]`` (a kept
                 item id of 0 is an empty slot), plus ``short_term`` ``[B, d]`` when
-                ``short_term_len > 0``; optionally ``target_attributes`` ``[B, A]``.
+                ``short_term_len > 0``; optionally ``target_attributes`` ``[B, A]``. With
+                ``use_user_features`` also ``history_stats`` ``[B, 2]`` (from
+                :meth:`retrieve`) and ``user`` ``[B]`` (optional: missing = unknown user).
 
         Returns:
             The click probability ``[B]`` (float32), as ``call``.
@@ -615,6 +721,8 @@ class SeminarCTR(keras.Model):
         features = [target_pair, pooled, target_pair * pooled]
         if self.short_term_len:
             features.append(ops.cast(inputs["short_term"], target_pair.dtype))
+        if self.use_user_features:
+            features += self._user_tower(inputs, inputs[spec.HISTORY_STATS.name])
         return self._mlp_head(features, training=training)
 
     # Vector tables and the config argument giving their width, per projection layer.
@@ -722,6 +830,9 @@ class SeminarCTR(keras.Model):
                 "freeze_pretrained": self.freeze_pretrained,
                 "request_num_attributes": emb.request_num_attributes,
                 "request_max_attributes": emb.request_max_attributes,
+                "num_users": self.num_users,
+                "use_user_features": self.use_user_features,
+                "user_embedding_l2": self.user_embedding_l2,
             }
         )
         return config
