@@ -10,6 +10,10 @@ Two data sets, each through the real commands' code paths (preprocess -> [pretra
   clicks.
 
     python benchmarks/quality.py [--datasets synthetic movielens] [--seeds 0] [--epochs 3]
+                                 [--tune-trials N]
+
+With ``--tune-trials N`` every model first gets the same search (``seminar_tf.tuning``: N
+runs scored on validation, seeded by the first seed), and its final runs use the best values.
 
 Prints a table and writes ``quality.json`` and ``quality.png`` to ``--out``.
 """
@@ -30,7 +34,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("SEMINAR_QUIET", "1")
 
 from preprocessing.pipeline import PreprocessConfig, run  # noqa: E402
-from seminar_tf import training  # noqa: E402
+from seminar_tf import training, tuning  # noqa: E402
 from seminar_tf.data import movielens, synth  # noqa: E402
 from seminar_tf.data.readers import write_tables  # noqa: E402
 
@@ -89,6 +93,7 @@ def one_run(
     history="positive",
     patience=1,
     learning_rate=1e-3,
+    params=None,
 ):
     model_cfg = dict(model_cfg)
     pretrain = model_cfg.pop("_pretrain", False)
@@ -97,22 +102,44 @@ def one_run(
     t0 = time.time()
     pretrained = None
     if pretrain:
-        pcfg = training.TrainConfig(
-            epochs=int(pretrain), seed=seed, history=history, model={"num_heads": 4}
-        )
-        training.pretrain(data_dir, run_dir + "_psu", pcfg)
-        pretrained = run_dir + "_psu"
+        pretrained = _pretrain(data_dir, run_dir + "_psu", pretrain, seed, history)
     cfg = training.TrainConfig(
         epochs=epochs, seed=seed, patience=patience, model=model_cfg, history=history,
         learning_rate=learning_rate, restore_attention=restore_attention,
     )  # fmt: skip
+    if params:  # tuned on validation (tune_model)
+        cfg = tuning.apply_params(cfg, params)
     _, history = training.train(data_dir, run_dir, cfg, pretrained=pretrained)
     report = training.evaluate(data_dir, run_dir, max_ranked=max_ranked, seed=seed)
     report["best_val_auc"] = max(history.get("val_auc", [float("nan")]))
     report["epochs_run"] = len(history["loss"])
     report["train_examples_per_sec"] = statistics.median(history["examples_per_sec"])
     report["seconds"] = round(time.time() - t0, 1)
+    report["tuned_params"] = params
     return report
+
+
+def _pretrain(data_dir, out, epochs, seed, history) -> str:
+    pcfg = training.TrainConfig(
+        epochs=int(epochs), seed=seed, history=history, model={"num_heads": 4}
+    )
+    training.pretrain(data_dir, out, pcfg)
+    return out
+
+
+def tune_model(data_dir, tmp, label, model_cfg, seed, epochs, trials, history, patience):
+    """The best values of ``tuning.SEARCH_SPACE`` for one model: ``trials`` runs scored on
+    the validation split (a pretrained model's from a PSU pretrained with ``seed``)."""
+    model_cfg = dict(model_cfg)
+    pretrain = model_cfg.pop("_pretrain", False)
+    restore_attention = model_cfg.pop("_restore_attention", True)
+    out = os.path.join(tmp, f"tune_{os.path.basename(data_dir)}_{label}".replace(" ", "_"))
+    pretrained = _pretrain(data_dir, out + "_psu", pretrain, seed, history) if pretrain else None
+    base = training.TrainConfig(
+        epochs=epochs, seed=seed, patience=patience, model=model_cfg, history=history,
+        restore_attention=restore_attention,
+    )  # fmt: skip
+    return tuning.tune(data_dir, out, base, trials, pretrained=pretrained)["best_params"]
 
 
 def main() -> None:
@@ -128,6 +155,9 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=1, help="early-stopping patience")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-ranked", type=int, default=3000)
+    parser.add_argument("--tune-trials", type=int, default=0,
+                        help="N > 0: tune every model with N runs on validation first "
+                        "(seminar tune's space; the same budget for each)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="quality", help="output file stem")
     args = parser.parse_args()
@@ -140,10 +170,17 @@ def main() -> None:
         for ds in args.datasets:
             data_dir = prepare(ds, tmp, args.max_len)
             for label in args.models:
+                params = None
+                if args.tune_trials > 0:
+                    params = tune_model(data_dir, tmp, label, MODELS[label], args.seeds[0],
+                                        args.epochs, args.tune_trials, args.history,
+                                        args.patience)  # fmt: skip
+                    print(f"{ds:<10} {label:<22} tuned on validation ({args.tune_trials} "
+                          f"trials): {params}", file=sys.stderr, flush=True)  # fmt: skip
                 for seed in args.seeds:
                     rep = one_run(data_dir, tmp, label, MODELS[label], seed, args.epochs,
                                   args.max_ranked, args.history, args.patience,
-                                  args.learning_rate)  # fmt: skip
+                                  args.learning_rate, params)  # fmt: skip
                     rep.update({"dataset": ds, "model": label, "seed": seed})
                     results.append(rep)
                     print(f"{ds:<10} {label:<22} seed {seed}: test AUC {rep['auc']:.4f} "
@@ -162,6 +199,7 @@ def main() -> None:
             "history": args.history,
             "patience": args.patience,
             "learning_rate": args.learning_rate,
+            "tune_trials": args.tune_trials,
             "seeds": args.seeds,
             "batch_size": 256,
             "embedding_dim": 64,

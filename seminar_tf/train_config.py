@@ -71,6 +71,9 @@ class TrainConfig:
     # and keeps the best epoch's weights, so the cap only bounds the time.
     epochs: int = 20
     learning_rate: float = 1e-3
+    # Decoupled (AdamW-style) weight decay of the Adam optimizer: each step scales every
+    # trainable variable by (1 - learning_rate * weight_decay); 0: plain Adam.
+    weight_decay: float = 0.0
     seed: int = 0
     max_len: int | None = None  # None: the preprocessing max_len
     history: str = DEFAULT_HISTORY  # CTR history window (spec.HISTORY_MODES)
@@ -125,6 +128,10 @@ class TrainConfig:
         if not _is_real(lr) or not math.isfinite(lr) or lr <= 0:
             raise ConfigError(f"learning_rate must be a number > 0, got {lr!r}")
         self.learning_rate = float(lr)
+        wd = self.weight_decay
+        if not _is_real(wd) or not math.isfinite(wd) or wd < 0:
+            raise ConfigError(f"weight_decay must be a number >= 0, got {wd!r}")
+        self.weight_decay = float(wd)
         for name, allowed in (("history", HISTORY_MODES), ("distribute", DISTRIBUTE)):
             value = getattr(self, name)
             if value not in allowed:

@@ -114,6 +114,11 @@ def _strategy_scope(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+def _optimizer(cfg: TrainConfig):
+    """Adam at ``cfg.learning_rate``, with decoupled weight decay when ``cfg.weight_decay``."""
+    return keras.optimizers.Adam(cfg.learning_rate, weight_decay=cfg.weight_decay or None)
+
+
 def _save_run(out_dir, cfg, data_dir, kind, history, extra=None):
     data_spec = spec.DataSpec.load(data_dir)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
@@ -164,7 +169,7 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | No
     train, valid, steps, vsteps = _datasets(data_dir, cfg, positives=True)
     with _strategy_scope(cfg):
         psu = build_psu(data_spec, cfg.model, tables=load_tables(data_dir))
-        psu.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        psu.compile(optimizer=_optimizer(cfg))
     log.info("pretrain: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
     hist = psu.fit(
         train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
@@ -205,7 +210,7 @@ def train(
             restored = model.restore_pretrained(psu, include_attention=cfg.restore_attention)
             log.info("train: restored %d pretrained variables from %s", len(restored), pretrained)
         model.compile(
-            optimizer=keras.optimizers.Adam(cfg.learning_rate),
+            optimizer=_optimizer(cfg),
             loss="binary_crossentropy",
             metrics=[
                 keras.metrics.AUC(name="auc"),

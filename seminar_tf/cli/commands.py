@@ -232,6 +232,30 @@ def cmd_fit(args, extra) -> int:
     return 0
 
 
+def cmd_tune(args, extra) -> int:
+    """``seminar tune``: a search on the validation split; prints the best trial as JSON."""
+    from seminar_tf.train_config import ConfigError, TrainConfig, check_model_config
+
+    try:
+        cfg = TrainConfig.from_file(args.config, epochs=args.epochs, seed=args.seed)
+        if args.preset:
+            cfg.model = {**cfg.model, "preset": args.preset}
+        check_model_config(cfg.model, "ctr")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--config: {e}") from None
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    check_data_dir(args.data)
+    if args.pretrained and not os.path.exists(os.path.join(args.pretrained, "model.keras")):
+        raise UsageError(f"--pretrained {args.pretrained}: no model.keras (run seminar pretrain)")
+    from seminar_tf import tuning
+
+    report = tuning.tune(args.data, args.out, cfg, args.trials, pretrained=args.pretrained)
+    print(json.dumps({k: report[k] for k in ("best_trial", "best_val_auc", "best_params")}
+                     | {"best_config": os.path.join(args.out, tuning.BEST_FILE)}))  # fmt: skip
+    return 0
+
+
 def cmd_quantize(args, extra) -> int:
     check_data_dir(args.data)
     if not os.path.exists(os.path.join(args.model, "model.keras")):

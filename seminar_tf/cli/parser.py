@@ -170,6 +170,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train the CTR model (optionally from a pretrained PSU)")
     _add_train_args(tr, with_pretrained=True)
     tr.set_defaults(func=commands.cmd_fit)
+    tu = sub.add_parser(
+        "tune", help="search learning rate, weight decay, dropout, embedding size and top_k on "
+        "the validation split; writes the best config for `seminar train --config`",
+    )  # fmt: skip
+    tu.add_argument("--data", required=True, help="a `seminar preprocess` output directory")
+    tu.add_argument(
+        "--out", required=True,
+        help="directory for best.json, trials.json, trials.png and the trials' runs (a rerun "
+        "with the same settings resumes)",
+    )  # fmt: skip
+    tu.add_argument(
+        "--preset",
+        help="model preset: seminar, twin, sim, eta, din, full_attention, dnn (default: the "
+        "--config's model.preset, else seminar)",
+    )  # fmt: skip
+    tu.add_argument("--trials", type=positive_int, default=10, help="trials (training runs)")
+    tu.add_argument(
+        "--seed", type=seed,
+        help="seed of the values drawn and of every trial's training (default: the --config's, "
+        "else 0)",
+    )  # fmt: skip
+    tu.add_argument(
+        "--epochs", type=positive_int,
+        help="most epochs per trial (default: the --config's, else 20; each trial early-stops "
+        "on validation AUC)",
+    )  # fmt: skip
+    tu.add_argument(
+        "--config", help="JSON file of TrainConfig fields the trials start from (the searched "
+        "ones are overridden)",
+    )  # fmt: skip
+    tu.add_argument(
+        "--pretrained", help="a `seminar pretrain` model directory (fixes embedding_dim)"
+    )
+    tu.set_defaults(func=commands.cmd_tune)
     qz = sub.add_parser(
         "quantize", help="product-quantize a trained model's first stage (learned codebooks)"
     )
