@@ -29,7 +29,11 @@ A model with user features (``SeminarCTR.use_user_features``) also has the retri
 ``history_stats`` (statistics of the whole searched history, which the ranking sees only
 through its K kept behaviours) and the ranking inputs ``history_stats`` and the user:
 ``user_id`` (raw: a ``StringLookup`` over ``vocab/users.txt``; "" = unknown user, the padding
-id 0; an unseen id is OOV) or ``user`` (encoded, range-checked).
+id 0; an unseen id is OOV; for data preprocessed with ``--user-hash-buckets N``, a
+:class:`UserHashLookup` computing the preprocessing's hash instead) or ``user`` (encoded,
+range-checked). A model trained with a users table looks the user's attributes and vector up
+inside itself from that id (its side tables are variables of the SavedModel), so requests
+carry only the user id.
 """
 
 from __future__ import annotations
@@ -117,17 +121,44 @@ class EmptyVocabularyLookup(keras.layers.Layer):
         return spec.NUM_RESERVED_IDS
 
 
+class UserHashLookup(keras.layers.Layer):
+    """The user lookup of data preprocessed with ``--user-hash-buckets N``: ``2 + hash % N``
+    (``seminar_tf.user_hash.hash_user_ids``, the function the preprocessing stored ids
+    with), "" the padding id 0. No vocabulary file: nothing travels as an asset, and the
+    model's user table has ``N + 2`` rows."""
+
+    def __init__(self, num_buckets: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_buckets = int(num_buckets)
+
+    def call(self, inputs):
+        from seminar_tf.user_hash import hash_user_ids
+
+        return hash_user_ids(inputs, self.num_buckets)
+
+    def vocabulary_size(self) -> int:
+        return self.num_buckets + spec.NUM_RESERVED_IDS
+
+
 class Vocabularies:
     """The preprocessing vocabularies the serving inputs need, as ``StringLookup`` layers
     (``spec`` id convention): items, queries, query tokens and attributes, and with
-    ``users`` the users. An empty vocabulary file (a part the data set lacks) becomes an
+    ``users`` the users (a :class:`UserHashLookup` when the data's ``schema.json`` has
+    ``user_hash_buckets``). An empty vocabulary file (a part the data set lacks) becomes an
     :class:`EmptyVocabularyLookup`: requests may still send such values; they are OOV."""
 
     KINDS = ("item", "query", "query_token", "attribute")
 
     def __init__(self, data_dir: str, users: bool = False):
         self.lookups = {}
+        buckets = 0
+        if users and os.path.exists(os.path.join(data_dir, spec.SCHEMA_FILE)):
+            buckets = spec.DataSpec.load(data_dir).user_hash_buckets
         for kind in self.KINDS + (("user",) if users else ()):
+            if kind == "user" and buckets:
+                layer = self.lookups[kind] = UserHashLookup(buckets, name="user_lookup")
+                layer(tf.constant([""]))
+                continue
             file = spec.VOCAB_FILES[kind]
             path = os.path.join(data_dir, spec.VOCAB_DIR, file)
             if not os.path.exists(path):

@@ -29,6 +29,7 @@ REQUIRED_COLUMNS = {
     "events": ("user_id", "timestamp", "item_id", "label"),
     "items": ("item_id",),
     "queries": ("query", "text_embedding"),
+    "users": ("user_id",),
 }
 
 

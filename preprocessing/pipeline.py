@@ -1,9 +1,10 @@
-"""The preprocessing graph: raw events + item catalog -> per-user sequence examples.
+"""The preprocessing graph: raw events + item catalog (+ optional query vectors and users
+table) -> per-user sequence examples.
 
     read -> validate -> join items -> group by user -> drop duplicates -> sort by
          (timestamp, item_id) -> tag each event with its split -> encode ids -> chunk -> write
 
-plus vocabularies, the item/query vector tables, ``schema.json``, ``stats.json`` and a
+plus vocabularies, the item/query (and user) side tables, ``schema.json``, ``stats.json`` and a
 dead-letter folder of rejected records (JSON Lines with the reason, field and source). Every
 step is a named, composable ``PTransform``; :class:`Preprocess` wires them and :func:`run`
 runs the graph with any Beam runner (FnApiRunner here, Dataflow/Flink/Spark elsewhere) into a
@@ -44,6 +45,7 @@ from preprocessing.validate import (
     ValidateEvents,
     ValidateItems,
     ValidateQueryVectors,
+    ValidateUsers,
     dims_from_counts,
     vector_lengths,
 )
@@ -69,6 +71,14 @@ class PreprocessConfig:
     items: list[str]
     out_dir: str
     queries: list[str] = dataclasses.field(default_factory=list)
+    # The optional users table (spec.USER_FIELDS): read, validated, de-duplicated and
+    # dead-lettered like the items; its attributes and vectors become the user side tables.
+    users: list[str] = dataclasses.field(default_factory=list)
+    max_user_attributes: int = spec.DEFAULT_MAX_ATTRIBUTES  # attribute ids kept per user
+    # > 0: user ids hashed to 2 + hash % N (seminar_tf.user_hash) instead of a vocabulary;
+    # refused together with `users` (a table indexed by hash buckets would hand colliding
+    # users each other's attributes) and with a minimum user count (no counts are kept).
+    user_hash_buckets: int = 0
     max_len: int = spec.DEFAULT_MAX_LEN
     max_query_tokens: int = spec.DEFAULT_MAX_QUERY_TOKENS
     max_attributes: int = spec.DEFAULT_MAX_ATTRIBUTES
@@ -127,6 +137,22 @@ class PreprocessConfig:
             not self.list_separator or self.list_separator.strip() in ('"', "[", "]")
         ):
             raise ValueError(f"list_separator cannot be {self.list_separator!r}")
+        if self.max_user_attributes < 1:
+            raise ValueError(f"max_user_attributes must be >= 1, got {self.max_user_attributes}")
+        buckets = self.user_hash_buckets
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0:
+            raise ValueError(f"user_hash_buckets must be an integer >= 0, got {buckets!r}")
+        if buckets and self.users:
+            raise ValueError(
+                "a users table (--users) cannot be combined with --user-hash-buckets: its "
+                "attributes and vectors are indexed by the user vocabulary, and a table "
+                "indexed by hash buckets would give colliding users each other's rows"
+            )
+        if buckets and self.min_counts.get("user", 1) > 1:
+            raise ValueError(
+                "--min-user-count does not apply with --user-hash-buckets (every user id is "
+                "hashed; no user vocabulary is counted)"
+            )
 
     @property
     def rules(self) -> ParseRules:
@@ -150,10 +176,11 @@ def cutoffs_from_quantiles(quantiles: list, valid_fraction: float, test_fraction
 
 
 class CleanTable(beam.PTransform):
-    """Raw rows of a keyed vector table (items, query vectors) -> clean ``(key, row)``.
+    """Raw rows of a keyed vector table (items, users, query vectors) -> clean ``(key, row)``.
 
     validate -> drop duplicate keys (the first seen is kept) -> check vector widths against
-    the table's most common width (items: drop the vector; query vectors: reject the row).
+    the table's most common width (items, users: drop the vector; query vectors: reject the
+    row).
     Returns ``{"valid", "rejected", "dims"}``, ``dims`` a single ``{field: width}`` element.
     """
 
@@ -232,6 +259,7 @@ class Preprocess(beam.PTransform):
         )  # fmt: skip
         rejected_parts = [items["rejected"]]
         counted = [items["used"]]
+        dim_parts = [items["dims"]]
         if cfg.queries:
             query_sources = Sources(cfg.queries)
             raw_queries = pbegin | "ReadQueries" >> ReadRecords(cfg.queries, "queries")
@@ -243,18 +271,39 @@ class Preprocess(beam.PTransform):
             queries = clean_queries["valid"]
             rejected_parts.append(clean_queries["rejected"])
             counted.append(clean_queries["used"])
-            query_dims = clean_queries["dims"] | "RenameQueryDims" >> beam.Map(
-                lambda d: {"query_text_embedding": d.get("text_embedding", 0)}
+            dim_parts.append(
+                clean_queries["dims"]
+                | "RenameQueryDims"
+                >> beam.Map(lambda d: {"query_text_embedding": d.get("text_embedding", 0)})
             )
+        else:
+            queries = pbegin | "NoQueries" >> beam.Create([])
+        users = None
+        if cfg.users:
+            # The users table: the item rules (a bad vector drops that vector only).
+            user_sources = Sources(cfg.users)
+            raw_users = pbegin | "ReadUsers" >> ReadRecords(cfg.users, "users")
+            reads.append(raw_users)
+            clean_users = raw_users["records"] | "CleanUsers" >> CleanTable(
+                ValidateUsers(rules, user_sources), "users", "user_id", spec.USER_VECTOR_FIELDS,
+                user_sources, drop_field=True,
+            )  # fmt: skip
+            users = clean_users["valid"]
+            rejected_parts.append(clean_users["rejected"])
+            counted.append(clean_users["used"])
+            dim_parts.append(
+                clean_users["dims"]
+                | "RenameUserDims" >> beam.Map(lambda d: {"user_embedding": d.get("embedding", 0)})
+            )
+        if len(dim_parts) == 1:
+            dims = dim_parts[0]
+        else:
             dims = (
-                (items["dims"], query_dims)
+                dim_parts
                 | "FlattenDims" >> beam.Flatten()
                 | "CollectDims" >> beam.combiners.ToList()
                 | "MergeDims" >> beam.Map(lambda ds: {k: v for d in ds for k, v in d.items()})
             )
-        else:
-            queries = pbegin | "NoQueries" >> beam.Create([])
-            dims = items["dims"]
         for read in reads:
             rejected_parts.append(read[REJECTED])
             counted.append(read[TALLY])
@@ -273,15 +322,30 @@ class Preprocess(beam.PTransform):
         attribute_counts = items["valid"] | "AttributeCounts" >> beam.FlatMap(
             lambda kv: [(("attribute", a), 1) for a in set(kv[1]["attributes"])]
         )
+        event_counts = joined[COUNTS]
+        if cfg.user_hash_buckets:  # hashed user ids: no user vocabulary (users.txt empty)
+            event_counts = event_counts | "NoUserCounts" >> beam.Filter(
+                lambda kv: kv[0][0] != "user"
+            )
+        count_parts = [event_counts, attribute_counts]
+        if users is not None:
+            count_parts.append(
+                users
+                | "UserAttributeCounts"
+                >> beam.FlatMap(
+                    lambda kv: [(("user_attribute", a), 1) for a in set(kv[1]["attributes"])]
+                )
+            )
         vocabs = (
-            (joined[COUNTS], attribute_counts)
+            count_parts
             | "FlattenCounts" >> beam.Flatten()
             | "BuildVocabularies" >> BuildVocabularies(cfg.min_counts)
         )
         _ = vocabs | "WriteVocabularies" >> WriteVocabularies(out)
         sizes = vocabs | "WriteTables" >> WriteTables(
-            out, cfg.max_attributes, items["valid"], queries, dims
-        )
+            out, cfg.max_attributes, items["valid"], queries, dims, users,
+            cfg.max_user_attributes,
+        )  # fmt: skip
 
         if cfg.split == "time" and cfg.split_times:
             split_times = pbegin | "GivenSplitTimes" >> beam.Create([tuple(cfg.split_times)])
@@ -298,7 +362,7 @@ class Preprocess(beam.PTransform):
 
         seqs = joined.valid | "BuildUserSequences" >> BuildUserSequences(
             vocabs, split_times, cfg.max_len, cfg.chunk_size, cfg.max_query_tokens, cfg.split,
-            event_sources,
+            event_sources, cfg.user_hash_buckets,
         )  # fmt: skip
         rejected_parts.append(seqs["rejected"])
         _ = seqs["examples"] | "WriteExamples" >> beam.io.WriteToTFRecord(
@@ -358,8 +422,8 @@ def run(
     run_cfg = dataclasses.replace(config, out_dir=layout.tmp, run_id=layout.run_id)
     t0 = time.time()
     log.info(
-        "preprocess: run %s into %s (events=%s items=%s)",
-        layout.run_id, layout.tmp, config.events, config.items,
+        "preprocess: run %s into %s (events=%s items=%s users=%s)",
+        layout.run_id, layout.tmp, config.events, config.items, config.users or "-",
     )  # fmt: skip
     try:
         with beam.Pipeline(options=options) as p:

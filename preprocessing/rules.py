@@ -12,6 +12,7 @@ import json
 import math
 
 from preprocessing.read_files import EpochSeconds
+from seminar_tf import spec
 from seminar_tf.text import normalize_query
 
 SECONDS_PER_UNIT = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
@@ -230,12 +231,7 @@ def parse_item(record: dict, rules: ParseRules = DEFAULT_RULES) -> tuple[dict, l
     item_id = _id(record, "item_id")
     text = record.get("text")
     text = "" if text is None else _text(text, "text")
-    attributes = parse_list(record.get("attributes"), "attributes", rules)
-    if not all(isinstance(a, str) for a in attributes):
-        raise Invalid("not_a_string_list", "attributes")
-    attributes = [a.strip() for a in attributes if a.strip()]
-    if any(has_line_break(a) for a in attributes):
-        raise Invalid("contains_line_break", "attributes")
+    attributes = _string_list(record, "attributes", rules)
     item = {"item_id": item_id, "text": text, "attributes": attributes}
     dropped = []
     for field in ("text_embedding", "image_embedding"):
@@ -245,6 +241,39 @@ def parse_item(record: dict, rules: ParseRules = DEFAULT_RULES) -> tuple[dict, l
             item[field] = []
             dropped.append(e)
     return item, dropped
+
+
+def _string_list(record: dict, field: str, rules: ParseRules) -> list[str]:
+    """A list of strings (attributes): stripped, empty ones left out; a list of anything
+    else, or a value with a line break (it could not be one line of a vocabulary), raises."""
+    values = parse_list(record.get(field), field, rules)
+    if not all(isinstance(v, str) for v in values):
+        raise Invalid("not_a_string_list", field)
+    values = [v.strip() for v in values if v.strip()]
+    if any(has_line_break(v) for v in values):
+        raise Invalid("contains_line_break", field)
+    return values
+
+
+def parse_user(record: dict, rules: ParseRules = DEFAULT_RULES) -> tuple[dict, list[Invalid]]:
+    """A clean row of the users table (``spec.USER_FIELDS``) and its per-field faults, with
+    the item rules: a bad ``embedding`` is dropped (``[]``, the user keeps its attributes)
+    and reported in the list; a bad ``user_id`` or attribute list rejects the row (raises
+    Invalid)."""
+    if not isinstance(record, dict):
+        raise Invalid("not_a_record", None)
+    user = {
+        "user_id": _id(record, "user_id"),
+        "attributes": _string_list(record, "attributes", rules),
+    }
+    dropped = []
+    for field in spec.USER_VECTOR_FIELDS:
+        try:
+            user[field] = parse_vector(record, field, rules)
+        except Invalid as e:
+            user[field] = []
+            dropped.append(e)
+    return user, dropped
 
 
 def parse_query_vector(record: dict, rules: ParseRules = DEFAULT_RULES) -> dict:

@@ -107,7 +107,11 @@ def chunk_bounds(
 class EncodeUserSequence(beam.DoFn):
     """``(user_id, events)`` -> serialised ``tf.train.Example`` chunks (main output) and one
     ``(n_events, targets per split, clicks per split, n_chunks, n_prefix)`` per user
-    (``user_stats`` output); exact duplicate events leave as dead letters (``rejected``)."""
+    (``user_stats`` output); exact duplicate events leave as dead letters (``rejected``).
+
+    The stored ``user`` is the user's id in the user vocabulary (OOV when rarer than the
+    minimum count) or, with ``user_hash_buckets`` N > 0, ``2 + hash % N``
+    (``seminar_tf.user_hash``, the function the export graph computes too)."""
 
     def __init__(
         self,
@@ -116,6 +120,7 @@ class EncodeUserSequence(beam.DoFn):
         max_query_tokens: int,
         split_mode: str,
         sources=None,
+        user_hash_buckets: int = 0,
     ):
         if chunk_size < 1 or max_len < 1:
             raise ValueError("chunk_size and max_len must be >= 1")
@@ -124,6 +129,7 @@ class EncodeUserSequence(beam.DoFn):
         self._q = max_query_tokens
         self._split_mode = split_mode
         self._sources = sources
+        self._user_hash_buckets = int(user_hash_buckets)
         self._lookups = None
         self._chunks = Metrics.counter("seminar", "sequence_chunks")
 
@@ -161,7 +167,12 @@ class EncodeUserSequence(beam.DoFn):
 
         user_id, events = element
         lookups = self._lookup(vocabs)
-        user = lookups.get("user", {}).get(user_id, OOV_ID)
+        if self._user_hash_buckets:
+            from seminar_tf.user_hash import hash_user_ids
+
+            user = int(hash_user_ids([user_id], self._user_hash_buckets)[0])
+        else:
+            user = lookups.get("user", {}).get(user_id, OOV_ID)
         events, duplicates = drop_duplicate_events(events)
         for dup in duplicates:
             loc = dup[4] if len(dup) > 4 else None
@@ -218,11 +229,14 @@ class BuildUserSequences(beam.PTransform):
         max_query_tokens: int,
         split_mode: str,
         sources=None,
+        user_hash_buckets: int = 0,
     ):
         super().__init__()
         self._vocabs = vocabs
         self._split_times = split_times
-        self._fn = EncodeUserSequence(max_len, chunk_size, max_query_tokens, split_mode, sources)
+        self._fn = EncodeUserSequence(
+            max_len, chunk_size, max_query_tokens, split_mode, sources, user_hash_buckets
+        )
 
     def expand(self, keyed_events):
         out = (

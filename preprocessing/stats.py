@@ -1,9 +1,9 @@
 """``schema.json`` and ``stats.json``: sizes, counts, the record accounting, and the rule that
 fails a job whose input was mostly rejected.
 
-Accounting, per stage (events, items, queries): ``input`` = records read (unreadable ones
-included) = ``used`` + ``rejected``. A dead letter with ``dropped: "field"`` (a bad item
-vector dropped from an item that is still used) is counted in ``dropped_fields``, not in
+Accounting, per stage (events, items, queries, users): ``input`` = records read (unreadable
+ones included) = ``used`` + ``rejected``. A dead letter with ``dropped: "field"`` (a bad item
+or user vector dropped from a row that is still used) is counted in ``dropped_fields``, not in
 ``rejected``.
 """
 
@@ -17,7 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from seminar_tf import spec
 
-STAGES = ("events", "items", "queries")
+STAGES = ("events", "items", "queries", "users")
 # Where a failure message can point the user for a frequent cause.
 HINTS = {
     "invalid_list_cell": "list cells are JSON arrays unless --list-separator is given",
@@ -72,7 +72,8 @@ class Summarise(beam.DoFn):
             num_attributes=sizes["num_attributes"],
             num_query_tokens=sizes["num_query_tokens"],
             num_queries=sizes["num_queries"],
-            num_users=len(vocabs.get("user", ())) + spec.NUM_RESERVED_IDS,
+            num_users=(cfg.user_hash_buckets or len(vocabs.get("user", ())))
+            + spec.NUM_RESERVED_IDS,
             max_attributes=cfg.max_attributes,
             max_query_tokens=cfg.max_query_tokens,
             text_dim=sizes["text_dim"],
@@ -82,6 +83,10 @@ class Summarise(beam.DoFn):
             chunk_size=cfg.chunk_size,
             split_mode=cfg.split,
             split_times=tuple(split_times or ()),
+            num_user_attributes=sizes.get("num_user_attributes", 0),
+            max_user_attributes=sizes.get("max_user_attributes", 0),
+            user_embedding_dim=sizes.get("user_embedding_dim", 0),
+            user_hash_buckets=cfg.user_hash_buckets,
         )
         schema = {**data_spec.to_json(), "run_id": cfg.run_id}
         write_json(FileSystems.join(cfg.out_dir, spec.SCHEMA_FILE), schema)
@@ -159,7 +164,8 @@ def check_failure(stats: dict, max_fraction: float) -> str | None:
     """One line saying why the job must fail, or None.
 
     Fails when no event is used, when more than ``max_fraction`` of any stage's records are
-    rejected, or when more than ``max_fraction`` of the items lost the same vector field.
+    rejected, or when more than ``max_fraction`` of the items (or users) lost the same vector
+    field.
     """
     books = stats["accounting"]
     problems = []
@@ -173,11 +179,11 @@ def check_failure(stats: dict, max_fraction: float) -> str | None:
                 f"{b['rejected']} of {b['input']} {stage} rejected ({frac:.0%}); "
                 + _main_reason(stats, stage)
             )
-    n_items = books["items"]["input"]
     for d in stats.get("rejections", []):
-        if d["dropped"] == "field" and n_items and d["count"] / n_items > max_fraction:
+        n_rows = books.get(d["stage"], {}).get("input", 0)
+        if d["dropped"] == "field" and n_rows and d["count"] / n_rows > max_fraction:
             problems.append(
-                f"{d['field']} dropped from {d['count']} of {n_items} items "
+                f"{d['field']} dropped from {d['count']} of {n_rows} {d['stage']} "
                 f"({d['stage']}/{d['reason']})"
             )
     if not books["events"]["input"]:

@@ -1,4 +1,5 @@
-"""The item and query vector tables (``tables.npz``), indexed by vocabulary id.
+"""The item and query vector tables (``tables.npz``), indexed by vocabulary id, and, with a
+users table (``--users``), the user attribute and vector tables indexed by the encoded user.
 
 Vectors live here once, never inside the examples: a 384-float vector copied into every
 behaviour would cost 1.5 KB per event.
@@ -13,7 +14,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.vocab import lookup_table
-from seminar_tf.spec import NUM_RESERVED_IDS, TABLES_FILE
+from seminar_tf.spec import NUM_RESERVED_IDS, OOV_ID, TABLES_FILE
 
 
 def build_tables(
@@ -57,13 +58,65 @@ def build_tables(
     return out
 
 
+def build_user_tables(
+    vocabs: dict, users: list, dims: dict, max_user_attributes: int
+) -> dict[str, np.ndarray]:
+    """Dense arrays of ``spec.USER_TABLE_ARRAYS`` from the clean ``(user_id, row)`` of the
+    users table, indexed by the user vocabulary (``vocab/users.txt``): a row of the table
+    whose user has no id there (no events, or rarer than ``--min-user-count``) is not used,
+    a user of the events missing from the table keeps an empty row (no attributes, a zero
+    vector, ``user_has_vector`` False), as do rows 0 (unknown) and 1 (OOV). The width of
+    ``user_attributes`` is the longest attribute list of the table, at most
+    ``max_user_attributes`` (0 when no user has any)."""
+    user_ids = lookup_table(vocabs["user"])
+    attr_ids = lookup_table(vocabs.get("user_attribute", []))
+    n_users = len(user_ids) + NUM_RESERVED_IDS
+    width = min(max_user_attributes, max((len(u["attributes"]) for _, u in users), default=0))
+    dim = dims.get("user_embedding", 0)
+    out = {
+        "user_attributes": np.zeros((n_users, width), np.int64),
+        "user_vectors": np.zeros((n_users, dim), np.float32),
+        "user_has_vector": np.zeros((n_users,), bool),
+    }
+    for _, user in users:
+        idx = user_ids.get(user["user_id"])
+        if idx is None:
+            continue
+        attrs = [attr_ids.get(a, OOV_ID) for a in user["attributes"]][:width]
+        out["user_attributes"][idx, : len(attrs)] = attrs
+        if user["embedding"]:
+            out["user_vectors"][idx] = user["embedding"]
+            out["user_has_vector"][idx] = True
+    return out
+
+
 class _WriteTables(beam.DoFn):
-    def __init__(self, out_dir: str, max_attributes: int):
+    def __init__(
+        self, out_dir: str, max_attributes: int, with_users: bool = False,
+        max_user_attributes: int = 0,
+    ):  # fmt: skip
         self._out_dir = out_dir
         self._max_attributes = max_attributes
+        # with_users: a users table was given (its arrays are written, even when every row
+        # was rejected); without, tables.npz is as before users tables existed.
+        self._with_users = with_users
+        self._max_user_attributes = max_user_attributes
 
-    def process(self, vocabs, items, queries, dims):
+    def process(self, vocabs, items, queries, dims, users=()):
         tables = build_tables(vocabs, items, queries, dims, self._max_attributes)
+        user_sizes = {}
+        if self._with_users:
+            user_tables = build_user_tables(vocabs, users, dims, self._max_user_attributes)
+            tables.update(user_tables)
+            known = set(vocabs["user"])
+            user_sizes = {
+                "num_user_attributes": len(vocabs.get("user_attribute", [])) + NUM_RESERVED_IDS,
+                "max_user_attributes": user_tables["user_attributes"].shape[1],
+                "user_embedding_dim": user_tables["user_vectors"].shape[1],
+                "users_with_attributes": int((user_tables["user_attributes"] != 0).any(1).sum()),
+                "users_with_vector": int(user_tables["user_has_vector"].sum()),
+                "table_users_without_id": sum(1 for u, _ in users if u not in known),
+            }
         buf = io.BytesIO()
         np.savez(buf, **tables)
         with FileSystems.create(FileSystems.join(self._out_dir, TABLES_FILE)) as f:
@@ -79,24 +132,40 @@ class _WriteTables(beam.DoFn):
             "items_with_text": int(tables["item_has_text"].sum()),
             "items_with_image": int(tables["item_has_image"].sum()),
             "queries_with_vector": int(tables["query_has_text"].sum()),
+            **user_sizes,
         }
 
 
 class WriteTables(beam.PTransform):
-    """Vocabularies + clean items (+ query vectors) -> ``OUT/tables.npz``; emits the sizes."""
+    """Vocabularies + clean items (+ query vectors, + users) -> ``OUT/tables.npz``; emits the
+    sizes. ``users``: the clean ``(user_id, row)`` of a users table, or None without one
+    (then ``max_user_attributes`` is not used and no user arrays are written)."""
 
-    def __init__(self, out_dir: str, max_attributes: int, items, queries, dims):
+    def __init__(
+        self, out_dir: str, max_attributes: int, items, queries, dims, users=None,
+        max_user_attributes: int = 0,
+    ):  # fmt: skip
         super().__init__()
         self._out_dir = out_dir
         self._max_attributes = max_attributes
         self._items = items
         self._queries = queries
         self._dims = dims
+        self._users = users
+        self._max_user_attributes = max_user_attributes
 
     def expand(self, vocabs):
-        return vocabs | "Write" >> beam.ParDo(
-            _WriteTables(self._out_dir, self._max_attributes),
+        side = [
             beam.pvalue.AsList(self._items),
             beam.pvalue.AsList(self._queries),
             beam.pvalue.AsSingleton(self._dims),
-        )
+        ]
+        if self._users is not None:
+            side.append(beam.pvalue.AsList(self._users))
+        return vocabs | "Write" >> beam.ParDo(
+            _WriteTables(
+                self._out_dir, self._max_attributes, self._users is not None,
+                self._max_user_attributes,
+            ),
+            *side,
+        )  # fmt: skip

@@ -6,8 +6,8 @@ for its own faults; a bad item vector drops that vector, not the item (a dead le
 ``dropped: "field"``).
 
 Elements: readers give ``(loc, record)``; events leave as ``(user_id, (timestamp, item_id,
-query, label, loc))``, items and query vectors as ``(key, (loc, row))`` until the width check,
-which emits ``(key, row)``.
+query, label, loc))``, items, users and query vectors as ``(key, (loc, row))`` until the width
+check, which emits ``(key, row)``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from preprocessing.rules import (  # noqa: F401  (parse_* re-exported for caller
     parse_event,
     parse_item,
     parse_query_vector,
+    parse_user,
 )
 from seminar_tf.text import normalize_query
 
@@ -164,6 +165,34 @@ class ValidateItems(beam.DoFn):
                 rejection("items", e.reason, e.field, record, where, dropped="field"),
             )
         yield item["item_id"], (loc, item)
+
+
+@beam.typehints.with_output_types(_KEYED)
+class ValidateUsers(beam.DoFn):
+    """Raw rows of the users table -> ``(user_id, (loc, clean user))``, with the item rules:
+    a bad record goes to ``rejected``, a bad ``embedding`` is dropped from the user and
+    reported (``dropped: "field"``)."""
+
+    def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
+        self._rules = rules
+        self._sources = sources
+
+    def process(self, element):
+        loc, record = _split(element)
+        where = _describe(self._sources, loc)
+        try:
+            user, dropped = parse_user(record, self._rules)
+        except Invalid as e:
+            yield beam.pvalue.TaggedOutput(
+                REJECTED, rejection("users", e.reason, e.field, record, where)
+            )
+            return
+        for e in dropped:
+            yield beam.pvalue.TaggedOutput(
+                REJECTED,
+                rejection("users", e.reason, e.field, record, where, dropped="field"),
+            )
+        yield user["user_id"], (loc, user)
 
 
 @beam.typehints.with_output_types(_KEYED)

@@ -43,6 +43,16 @@ ITEM_FIELDS = {
 ITEM_REQUIRED_FIELDS = ("item_id",)
 ITEM_VECTOR_FIELDS = ("text_embedding", "image_embedding")
 QUERY_VECTOR_FIELDS = {"query": "string", "text_embedding": "list<float32>"}
+# The optional users table (``seminar preprocess --users``): one row per user, keyed by the
+# events' ``user_id``. Users of the table without events are accepted (and unused); users of
+# the events missing from it get no attributes and no vector.
+USER_FIELDS = {
+    "user_id": "string",
+    "attributes": "list<string>",  # optional: segments, demographics, ...
+    "embedding": "list<float32>",  # optional, fixed length when present
+}
+USER_REQUIRED_FIELDS = ("user_id",)
+USER_VECTOR_FIELDS = ("embedding",)
 
 # ---------------------------------------------------------------------------------------------
 # Stored sequence records: one tf.train.Example per user chunk, columns of equal length n
@@ -125,6 +135,7 @@ VOCAB_FILES = {
     "query_token": "query_tokens.txt",
     "query": "queries.txt",
     "user": "users.txt",
+    "user_attribute": "user_attributes.txt",  # attributes of the users table
 }
 # Arrays in tables.npz, all indexed by id (row 0 padding, row 1 OOV).
 TABLE_ARRAYS = (
@@ -136,6 +147,18 @@ TABLE_ARRAYS = (
     "query_text_vectors",  # float32 [num_queries, query_text_dim]
     "query_has_text",  # bool [num_queries]
 )
+# Arrays in tables.npz from the optional users table, present only when ``--users`` was given,
+# indexed by the encoded user id (``vocab/users.txt``; row 0, the unknown user, and row 1, the
+# OOV user, are empty, as are users of the events missing from the table).
+USER_TABLE_ARRAYS = (
+    "user_attributes",  # int64 [num_users, max_user_attributes] ids of user_attributes.txt
+    "user_vectors",  # float32 [num_users, user_embedding_dim] the users table's embedding
+    "user_has_vector",  # bool [num_users]
+)
+# ``--user-hash-buckets N``: ``user = 2 + farmhash Fingerprint64(utf-8 user_id) % N`` (the
+# hash of ``tf.strings.to_hash_bucket_fast``; "" stays 0), computed by
+# ``seminar_tf.user_hash.hash_user_ids`` in preprocessing and inside the exported graph.
+USER_HASH = "farmhash_fingerprint64"
 
 
 def resolve_shape(shape: tuple, max_len: int, max_query_tokens: int) -> tuple:
@@ -174,6 +197,16 @@ class DataSpec:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     split_mode: str = "time"
     split_times: tuple = ()
+    # The optional users table (``--users``, ``USER_TABLE_ARRAYS``): user attribute vocabulary
+    # size (2 reserved ids included), attribute ids kept per user (the longest list, at most
+    # ``--max-user-attributes``) and the width of the user vectors. 0 without a users table
+    # (and in outputs written before it existed): the model then has no such inputs.
+    num_user_attributes: int = 0
+    max_user_attributes: int = 0
+    user_embedding_dim: int = 0
+    # ``--user-hash-buckets``: N > 0 maps a user id to ``2 + hash % N`` (``USER_HASH``;
+    # ``num_users`` is then N + 2 and ``vocab/users.txt`` is empty); 0: the user vocabulary.
+    user_hash_buckets: int = 0
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)

@@ -26,8 +26,12 @@ def make_data_spec(
     query_text_dim: int = 4,
     max_len: int = 12,
     num_users: int = 10,
+    num_user_attributes: int = 0,
+    max_user_attributes: int = 0,
+    user_embedding_dim: int = 0,
 ) -> spec.DataSpec:
-    """A small :class:`spec.DataSpec`; a dimension of 0 makes that modality absent."""
+    """A small :class:`spec.DataSpec`; a dimension of 0 makes that modality absent (the users
+    table's sizes default to 0: no users table)."""
     return spec.DataSpec(
         num_items=num_items,
         num_attributes=num_attributes,
@@ -40,6 +44,9 @@ def make_data_spec(
         query_text_dim=query_text_dim,
         max_len=max_len,
         num_users=num_users,
+        num_user_attributes=num_user_attributes,
+        max_user_attributes=max_user_attributes,
+        user_embedding_dim=user_embedding_dim,
     )
 
 
@@ -48,7 +55,10 @@ def make_tables(data_spec: spec.DataSpec, seed: int = 0, coverage: float = 0.6) 
 
     Each item has 1..max_attributes attribute ids (0-padded); a fraction ``coverage`` of the
     items (and queries) has text / image vectors, the others have zeros and ``has`` False.
-    Modalities with dimension 0 get ``[n, 0]`` arrays and all-False flags.
+    Modalities with dimension 0 get ``[n, 0]`` arrays and all-False flags. A spec with a
+    users table (``num_user_attributes`` or ``user_embedding_dim``) also gets
+    ``spec.USER_TABLE_ARRAYS``: rows 0 and 1 empty, other users 0..max_user_attributes
+    attribute ids and a vector for a fraction ``coverage`` of them.
     """
     rng = np.random.default_rng(seed)
     s = data_spec
@@ -70,7 +80,7 @@ def make_tables(data_spec: spec.DataSpec, seed: int = 0, coverage: float = 0.6) 
     text, has_text = vectors(n_items, s.text_dim)
     image, has_image = vectors(n_items, s.image_dim)
     qtext, q_has_text = vectors(n_queries, s.query_text_dim)
-    return {
+    out = {
         "item_attributes": attrs,
         "item_text_vectors": text,
         "item_has_text": has_text,
@@ -79,6 +89,17 @@ def make_tables(data_spec: spec.DataSpec, seed: int = 0, coverage: float = 0.6) 
         "query_text_vectors": qtext,
         "query_has_text": q_has_text,
     }
+    if s.num_user_attributes or s.user_embedding_dim:
+        user_attrs = np.zeros((s.num_users, s.max_user_attributes), np.int64)
+        if s.num_user_attributes > spec.NUM_RESERVED_IDS:
+            for u in range(spec.NUM_RESERVED_IDS, s.num_users):
+                k = rng.integers(0, s.max_user_attributes + 1)
+                user_attrs[u, :k] = rng.integers(
+                    spec.NUM_RESERVED_IDS, s.num_user_attributes, size=k
+                )
+        user_vectors, user_has = vectors(s.num_users, s.user_embedding_dim)
+        out.update(user_attributes=user_attrs, user_vectors=user_vectors, user_has_vector=user_has)
+    return out
 
 
 def query_token_table(data_spec: spec.DataSpec, seed: int = 0) -> np.ndarray:

@@ -54,6 +54,11 @@ def cmd_preprocess(args, beam_args) -> int:
         check_output(args.out, args.overwrite)  # before any reading: refuse in one line
     except DataError as e:
         raise UsageError(str(e)) from None
+    # The optional users table (any --format), resolved before a MovieLens conversion starts.
+    try:
+        users = [f for path in args.users or () for f in resolve_files(path, "users")]
+    except DataError as e:
+        raise UsageError(f"--users: {e}") from None
     layout = None
     if args.format == "movielens":
         src = args.events
@@ -98,6 +103,9 @@ def cmd_preprocess(args, beam_args) -> int:
             events=events,
             items=items,
             queries=queries,
+            users=users,
+            max_user_attributes=args.max_user_attributes,
+            user_hash_buckets=args.user_hash_buckets,
             out_dir=args.out,
             max_len=args.max_len,
             max_query_tokens=args.max_query_tokens,

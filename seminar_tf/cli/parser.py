@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--events", required=True, help="file or folder (or the MovieLens folder)")
     pre.add_argument("--items", help="file or folder of the item catalog")
     pre.add_argument("--queries", help="optional file or folder of query vectors")
+    pre.add_argument(
+        "--users", nargs="+", metavar="PATH",
+        help="optional users table(s): files or folders with user_id and optional attributes "
+        "(list of strings) and embedding (list of floats); checked like the items",
+    )  # fmt: skip
     pre.add_argument("--out", required=True, help="output directory of the sequence examples")
     pre.add_argument(
         "--format", choices=("contract", "movielens"), default="contract",
@@ -124,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument(
         "--min-user-count", type=positive_int, default=1,
         help="users with fewer events map to OOV (vocab/users.txt)",
+    )  # fmt: skip
+    pre.add_argument(
+        "--max-user-attributes", type=positive_int, default=8,
+        help="attributes kept per user of the --users table",
+    )  # fmt: skip
+    pre.add_argument(
+        "--user-hash-buckets", type=nonneg_int, default=0,
+        help="N > 0: map user ids to 2 + farmhash64(user_id) %% N instead of a vocabulary (for "
+        "very large user sets; not with --users or --min-user-count); 0: vocabulary",
     )  # fmt: skip
     pre.add_argument(
         "--overwrite", action="store_true",

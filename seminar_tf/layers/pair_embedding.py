@@ -262,7 +262,8 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         self.built = True
 
     def _validate_tables(self, tables: dict) -> dict:
-        unknown = sorted(set(tables) - set(_TABLE_LAYOUT))
+        # The users table's arrays (spec.USER_TABLE_ARRAYS) belong to the model, not here.
+        unknown = sorted(set(tables) - set(_TABLE_LAYOUT) - set(spec.USER_TABLE_ARRAYS))
         if unknown:
             raise ValueError(f"Unknown table(s) {unknown}; expected names in spec.TABLE_ARRAYS.")
         missing = [n for n in self.table_names if n not in tables]
@@ -298,8 +299,9 @@ class MultiModalPairEmbedding(keras.layers.Layer):
     def set_tables(self, tables: dict):
         """Assigns the side tables (``{name: array}`` as in ``spec.TABLE_ARRAYS``).
 
-        Arrays of modalities this layer is not configured for are ignored; a configured
-        one that is missing or of the wrong shape raises a ``ValueError`` naming it.
+        Arrays of modalities this layer is not configured for, and the users table's
+        (``spec.USER_TABLE_ARRAYS``, held by ``SeminarCTR``), are ignored; a configured one
+        that is missing or of the wrong shape raises a ``ValueError`` naming it.
         """
         values = self._validate_tables(tables)
         if self.built:

@@ -9,13 +9,17 @@ from seminar_tf.models.psu import PSU
 from seminar_tf.models.seminar import SeminarCTR
 
 # Baselines as configurations of SeminarCTR (``{"preset": name, ...}`` in the config).
+# Every preset with a history also has the short-term branch (the last SHORT_TERM_LEN
+# behaviours, clicks and non-clicks, pooled), as production lifelong models run beside the
+# long-term search; the baselines get it too, so a comparison isolates the long-term search.
+SHORT_TERM_LEN = 20
 PRESETS = {
-    "seminar": {"search": "exact"},
-    "twin": {"search": "exact"},
-    "sim": {"search": "soft"},
-    "eta": {"search": "simhash", "search_config": {"num_bits": 16}},
-    "din": {"search": "recent"},
-    "full_attention": {"search": "all"},
+    "seminar": {"search": "exact", "short_term_len": SHORT_TERM_LEN},
+    "twin": {"search": "exact", "short_term_len": SHORT_TERM_LEN},
+    "sim": {"search": "soft", "short_term_len": SHORT_TERM_LEN},
+    "eta": {"search": "simhash", "search_config": {"num_bits": 16}, "short_term_len": SHORT_TERM_LEN},
+    "din": {"search": "recent", "short_term_len": SHORT_TERM_LEN},
+    "full_attention": {"search": "all", "short_term_len": SHORT_TERM_LEN},
     "dnn": {"use_history": False},
 }
 
@@ -31,13 +35,15 @@ _DATA_ARGS = (
 )
 
 
-# Data arguments of SeminarCTR only (the PSU and the pair embedding have no user input).
-_CTR_DATA_ARGS = ("num_users",)
+# Data arguments of SeminarCTR only (the PSU and the pair embedding have no user input): the
+# user vocabulary and the sizes of the optional users table (0 without one).
+_CTR_DATA_ARGS = ("num_users", "num_user_attributes", "max_user_attributes", "user_embedding_dim")
 
 
 def data_kwargs(data_spec: spec.DataSpec, users: bool = False) -> dict:
     """The constructor arguments that come from the data: vocabulary sizes and dimensions
-    (with ``users``, also ``num_users``, which only :class:`SeminarCTR` takes)."""
+    (with ``users``, also ``num_users`` and the users-table sizes, which only
+    :class:`SeminarCTR` takes)."""
     names = _DATA_ARGS + (_CTR_DATA_ARGS if users else ())
     return {name: getattr(data_spec, name) for name in names}
 
@@ -74,7 +80,11 @@ def build_model(
             ``{"search": "exact", "top_k": 50, "dropout": 0.5}``), optionally with
             ``"preset"``: one of ``PRESETS`` (``"seminar"``, ``"twin"``, ``"sim"``, ``"eta"``,
             ``"din"``, ``"full_attention"``, ``"dnn"``), overridden by the other keys.
-        tables: the side tables (``np.load(tables.npz)`` as a dict), or None to set later.
+        tables: the side tables (``np.load(tables.npz)`` as a dict, the users table's
+            included), or None to set later.
+
+    Every preset gets the user tower (unless ``"use_user_features": false``), and with it
+    the users table's attributes and vector when the data has them.
     """
     model = SeminarCTR(**_model_kwargs(SeminarCTR, data_spec, config, "SeminarCTR"), tables=tables)
     model.build()

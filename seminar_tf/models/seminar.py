@@ -15,7 +15,9 @@ SEMINAR itself and its baselines are configurations of this one model:
 
 Every configuration also has a user tower (``use_user_features``, default on): a user-id
 embedding and two statistics of the history the model is given (see
-:func:`history_statistics`), concatenated into the MLP input.
+:func:`history_statistics`), concatenated into the MLP input; with a users table in the data
+(``seminar preprocess --users``) also the user's attributes and vector, looked up by the user
+id in side tables the model holds (``spec.USER_TABLE_ARRAYS``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ from keras import ops
 
 from seminar_tf import spec
 from seminar_tf.layers import _ops
-from seminar_tf.layers.pair_embedding import QUERY_MODALITY, MultiModalPairEmbedding
+from seminar_tf.layers.pair_embedding import (
+    QUERY_MODALITY,
+    MultiModalPairEmbedding,
+    _ConstantArray,
+)
 from seminar_tf.layers.scorers import get_scorer_class
 from seminar_tf.layers.target_attention import MultiHeadTargetAttention
 from seminar_tf.layers.topk_search import TopKSearch
@@ -95,6 +101,14 @@ def copy_layer_weights(source, target, skip=(), check_extra=True, what="layer") 
 
 # Width of the Dense layer the history statistics go through in the user tower.
 USER_STATS_UNITS = 8
+# The users-table side tables the model holds: (dtype, config attribute of the column count or
+# None for a vector); rows: ``num_users``.
+_USER_TABLE_LAYOUT = {
+    "user_attributes": ("int32", "max_user_attributes"),
+    "user_vectors": ("float32", "user_embedding_dim"),
+    "user_has_vector": ("float32", None),
+}
+assert set(_USER_TABLE_LAYOUT) == set(spec.USER_TABLE_ARRAYS)
 
 
 def history_statistics(hist_item, hist_label):
@@ -143,8 +157,11 @@ class SeminarCTR(keras.Model):
     4. an MLP (ReLU, dropout) on ``[target, esu, target * esu]`` (plus the mean pair of the
        last ``short_term_len`` behaviours when > 0; plus, with ``use_user_features``, the
        user tower: the embedding of ``user`` (``[B]``, 0 = unknown user: a zero vector) and
-       :func:`history_statistics` through a small Dense ``user_stats``), then a sigmoid.
-       A call without ``user`` treats every user as unknown (padding).
+       :func:`history_statistics` through a small Dense ``user_stats``; with a users table,
+       also the mean of the user's attribute embeddings ``user_attribute_embeddings`` and
+       its vector through the Dense ``user_vector_projection``, both zero for a user
+       without them), then a sigmoid. A call without ``user`` treats every user as unknown
+       (padding).
 
     ``call`` returns the click probability, shape ``[B]`` (float32). Compile with
     ``loss="binary_crossentropy"`` and labels ``[B]``. ``call``, :meth:`retrieve` and
@@ -179,7 +196,13 @@ class SeminarCTR(keras.Model):
         use_user_features: add the user tower (every preset, ``dnn`` included). False gives
             the model without it; a model saved before the option existed loads as False.
         user_embedding_l2: L2 regularisation factor of the user-id embedding table (0: off).
-        tables: optional side tables (``spec.TABLE_ARRAYS``), not part of ``get_config``.
+        num_user_attributes, max_user_attributes, user_embedding_dim: sizes of the users
+            table (``spec.DataSpec``; 0: none, as without ``--users``): the user attribute
+            vocabulary (reserved ids included), attribute ids per user, and the user vector
+            width. With ``use_user_features``, a non-zero size adds that part to the tower
+            and its table (``spec.USER_TABLE_ARRAYS``, indexed by ``user``) to ``tables``.
+        tables: optional side tables (``spec.TABLE_ARRAYS``, plus ``spec.USER_TABLE_ARRAYS``
+            for a model with a users table), not part of ``get_config``.
         **kwargs: ``keras.Model`` arguments.
 
     Example:
@@ -222,6 +245,9 @@ class SeminarCTR(keras.Model):
         num_users: int = 0,
         use_user_features: bool = True,
         user_embedding_l2: float = 0.0,
+        num_user_attributes: int = 0,
+        max_user_attributes: int = 0,
+        user_embedding_dim: int = 0,
         tables: dict | None = None,
         **kwargs,
     ):
@@ -240,6 +266,22 @@ class SeminarCTR(keras.Model):
         if not 0.0 <= float(user_embedding_l2):
             raise ValueError(f"`user_embedding_l2` must be >= 0, got {user_embedding_l2!r}.")
         self.user_embedding_l2 = float(user_embedding_l2)
+        for name, value in (
+            ("num_user_attributes", num_user_attributes),
+            ("max_user_attributes", max_user_attributes),
+            ("user_embedding_dim", user_embedding_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+            setattr(self, name, int(value))
+        # The users-table parts of the tower (only with the tower itself).
+        self.use_user_attributes = self.use_user_features and bool(
+            self.num_user_attributes and self.max_user_attributes
+        )
+        self.use_user_vectors = self.use_user_features and self.user_embedding_dim > 0
+        self._pending_user_tables = None
+        if tables is not None:
+            self._pending_user_tables = self._validate_user_tables(tables)
         self.num_heads = _positive_int("num_heads", num_heads)
         self.top_k = _positive_int("top_k", top_k)
         if search != NO_SEARCH:
@@ -334,6 +376,9 @@ class SeminarCTR(keras.Model):
             if self.use_user_features
             else None
         )
+        self.user_vector_projection = (
+            keras.layers.Dense(d, name="user_vector_projection") if self.use_user_vectors else None
+        )
         if self.freeze_pretrained:
             self.pair_embedding.trainable = False
             if self.gsu is not None and search in ATTENTION_SCORERS:
@@ -347,6 +392,7 @@ class SeminarCTR(keras.Model):
             dim += 2 * d + (d if self.short_term_len else 0)
         if self.use_user_features:
             dim += d + USER_STATS_UNITS
+        dim += d * (int(self.use_user_attributes) + int(self.use_user_vectors))
         return dim
 
     def build(self, input_shape=None):
@@ -378,6 +424,25 @@ class SeminarCTR(keras.Model):
                 regularizer=regularizer,
             )  # fmt: skip
             self.user_stats.build((None, 2))
+        if self.use_user_attributes:
+            self.user_attribute_embeddings = self.add_weight(
+                name="user_attribute_embeddings", shape=(self.num_user_attributes, d),
+                initializer=keras.initializers.RandomUniform(-0.05, 0.05),
+            )  # fmt: skip
+        if self.user_vector_projection is not None:
+            self.user_vector_projection.build((None, self.user_embedding_dim))
+        # The users table's side tables: data, not learned (initial values as the pair
+        # embedding's tables: an assign during the build could be lost).
+        pending = self._pending_user_tables or {}
+        for name in self.user_table_names:
+            value = pending.get(name)
+            setattr(self, name, self.add_weight(
+                name=name, shape=self._user_table_shape(name),
+                dtype=_USER_TABLE_LAYOUT[name][0],
+                initializer=_ConstantArray(value) if value is not None else "zeros",
+                trainable=False,
+            ))  # fmt: skip
+        self._pending_user_tables = None
         dim = self._mlp_input_dim()
         for layer in self.mlp_layers:
             if isinstance(layer, keras.layers.Dense):
@@ -397,8 +462,56 @@ class SeminarCTR(keras.Model):
         return super().from_config(config, custom_objects=custom_objects)
 
     def set_tables(self, tables: dict):
-        """Assigns the side tables (see ``MultiModalPairEmbedding.set_tables``)."""
+        """Assigns the side tables (see ``MultiModalPairEmbedding.set_tables``), and, for a
+        model with a users table, its ``spec.USER_TABLE_ARRAYS`` (required then)."""
+        user_tables = self._validate_user_tables(tables)
         self.pair_embedding.set_tables(tables)
+        if not self.built:
+            self._pending_user_tables = user_tables
+            return
+        for name, value in user_tables.items():
+            getattr(self, name).assign(value)
+
+    @property
+    def user_table_names(self) -> tuple:
+        """The ``spec.USER_TABLE_ARRAYS`` this model holds (none without a users table)."""
+        names = ("user_attributes",) if self.use_user_attributes else ()
+        if self.use_user_vectors:
+            names += ("user_vectors", "user_has_vector")
+        return names
+
+    def _user_table_shape(self, name: str) -> tuple:
+        cols = _USER_TABLE_LAYOUT[name][1]
+        return (self.num_users,) + ((getattr(self, cols),) if cols else ())
+
+    def _validate_user_tables(self, tables: dict) -> dict:
+        """The user tables of ``tables`` this model needs, checked and cast (a missing or
+        misshapen one raises a ``ValueError`` naming it)."""
+        out = {}
+        for name in self.user_table_names:
+            if name not in tables:
+                raise ValueError(
+                    f"`tables` is missing `{name}`, required by a model with a users table "
+                    "(written by `seminar preprocess --users`)."
+                )
+            value = np.asarray(tables[name])
+            if value.shape != self._user_table_shape(name):
+                raise ValueError(
+                    f"Table `{name}` has shape {value.shape}, expected "
+                    f"{self._user_table_shape(name)} from the model configuration."
+                )
+            if name == "user_attributes" and value.size:
+                if value.min() < 0 or value.max() >= self.num_user_attributes:
+                    raise ValueError(
+                        "Table `user_attributes` holds ids outside "
+                        f"[0, {self.num_user_attributes})."
+                    )
+            out[name] = value.astype(_USER_TABLE_LAYOUT[name][0])
+        return out
+
+    def get_user_tables(self) -> dict:
+        """The users-table side tables as numpy arrays (only those this model holds)."""
+        return {n: ops.convert_to_numpy(getattr(self, n)) for n in self.user_table_names}
 
     # ----------------------------------------------------------------------------- restore
     def restore_pretrained(
@@ -516,14 +629,27 @@ class SeminarCTR(keras.Model):
     def _user_tower(self, inputs, stats) -> list:
         """``[user vector [B, d], stats vector [B, USER_STATS_UNITS]]``: the embedding of
         ``inputs["user"]`` (a missing input or id 0 -> a zero vector) and ``stats``
-        (``[B, 2]``, :func:`history_statistics`) through the ``user_stats`` Dense."""
+        (``[B, 2]``, :func:`history_statistics`) through the ``user_stats`` Dense; with a
+        users table also the user's attribute vector (the mean embedding of its
+        ``user_attributes`` row, ``[B, d]``) and its projected ``user_vectors`` row
+        (``[B, d]``), each zero for a user without them (unknown, OOV, or not in the
+        table)."""
         user = inputs.get(spec.USER.name)
         if user is None:
             user = ops.zeros_like(inputs["target_item"])
         user = ops.reshape(ops.cast(user, "int32"), (-1,))
         present = ops.cast(ops.not_equal(user, spec.PAD_ID), "float32")
         vector = ops.take(self.user_embeddings, user, axis=0) * ops.expand_dims(present, -1)
-        return [vector, self.user_stats(ops.cast(stats, "float32"))]
+        out = [vector, self.user_stats(ops.cast(stats, "float32"))]
+        if self.use_user_attributes:
+            ids = ops.take(self.user_attributes, user, axis=0)  # [B, max_user_attributes]
+            embedded = ops.take(self.user_attribute_embeddings, ids, axis=0)
+            out.append(_ops.masked_mean(embedded, ops.not_equal(ids, 0), axis=1))
+        if self.use_user_vectors:
+            has = ops.expand_dims(ops.take(self.user_has_vector, user, axis=0), -1)
+            projected = self.user_vector_projection(ops.take(self.user_vectors, user, axis=0))
+            out.append(projected * has)
+        return out
 
     def _gsu_inputs(self, t_vec, t_mask, target_pair, h_vec, h_mask, h_weights, hist_pair=None):
         """``(gsu_target, gsu_keys, target_parts, key_parts)``: with per-modality projections
@@ -788,7 +914,7 @@ class SeminarCTR(keras.Model):
         config["name"] = f"{self.name}_serving"
         copy = type(self).from_config(config)
         copy.build()
-        copy.set_tables(tables)
+        copy.set_tables({**tables, **self.get_user_tables()})
         copy_layer_weights(self, copy, skip=tuple(skip), what="serving model")
         if attribute_vectors is not None:
             copy.pair_embedding.attribute_embeddings.assign(attribute_vectors)
@@ -833,6 +959,9 @@ class SeminarCTR(keras.Model):
                 "num_users": self.num_users,
                 "use_user_features": self.use_user_features,
                 "user_embedding_l2": self.user_embedding_l2,
+                "num_user_attributes": self.num_user_attributes,
+                "max_user_attributes": self.max_user_attributes,
+                "user_embedding_dim": self.user_embedding_dim,
             }
         )
         return config
