@@ -350,3 +350,30 @@ print("MIRRORED", strategy.num_replicas_in_sync)
 
 def test_mirrored_strategy_fit_step_on_two_logical_cpus(run_script):
     assert "MIRRORED 2" in run_script(MIRRORED_SCRIPT, "tensorflow")
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_history_preset_has_the_short_term_branch(preset):
+    """The presets compare long-term searches on equal terms: each one with a history gets
+    the same short-term branch (the last SHORT_TERM_LEN behaviours) in its MLP input, which
+    for a two-stage model reaches the ranking as the ``short_term`` retrieval output;
+    ``dnn`` has no history and no branch."""
+    from seminar_tf.models.factory import SHORT_TERM_LEN
+
+    model = build_model(SPEC, {"preset": preset, **SMALL, "top_k": 5}, tables=TABLES)
+    if preset == "dnn":
+        assert not model.use_history and model.short_term_len == 0
+        return
+    assert model.short_term_len == SHORT_TERM_LEN
+    if model.gsu is None:  # full_attention: one stage, no retrieval output
+        return
+    x, _ = batch(8)
+    base = ops.convert_to_numpy(model.retrieve(x)["short_term"])
+    assert base.shape == (8, SMALL["embedding_dim"])
+    # The newest behaviour is inside the window: changing it moves the branch's vector.
+    row = int(np.argmax((np.asarray(x["hist_item"]) > 0).sum(1)))
+    changed = {k: np.array(v) for k, v in x.items()}
+    changed["hist_item"][row, -1] = 2 + (changed["hist_item"][row, -1] - 1) % (SPEC.num_items - 3)
+    moved = ops.convert_to_numpy(model.retrieve(changed)["short_term"])
+    assert not np.allclose(moved[row], base[row])
+    np.testing.assert_allclose(np.delete(moved, row, 0), np.delete(base, row, 0), rtol=1e-5)

@@ -17,7 +17,11 @@ PRESETS = {
     "seminar": {"search": "exact", "short_term_len": SHORT_TERM_LEN},
     "twin": {"search": "exact", "short_term_len": SHORT_TERM_LEN},
     "sim": {"search": "soft", "short_term_len": SHORT_TERM_LEN},
-    "eta": {"search": "simhash", "search_config": {"num_bits": 16}, "short_term_len": SHORT_TERM_LEN},
+    "eta": {
+        "search": "simhash",
+        "search_config": {"num_bits": 16},
+        "short_term_len": SHORT_TERM_LEN,
+    },
     "din": {"search": "recent", "short_term_len": SHORT_TERM_LEN},
     "full_attention": {"search": "all", "short_term_len": SHORT_TERM_LEN},
     "dnn": {"use_history": False},
