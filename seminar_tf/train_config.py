@@ -209,14 +209,16 @@ def _factory_constants() -> tuple:
     for node in tree.body if tree else ():
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = getattr(node.targets[0], "id", None)
+            if target == "PRESETS" and isinstance(node.value, ast.Dict):
+                # the names only: the settings may refer to module constants
+                presets = tuple(ast.literal_eval(k) for k in node.value.keys)
+                continue
             try:
                 value = ast.literal_eval(node.value)
             except ValueError:
                 continue
             if target == "_DATA_ARGS":
                 data_args = tuple(value)
-            elif target == "PRESETS":
-                presets = tuple(value)
     return data_args, presets
 
 
