@@ -42,6 +42,8 @@ MODELS = {
     "dnn (no history)": {"preset": "dnn"},
     "din (last 50)": {"preset": "din", "top_k": 50},
     "sim (soft search)": {"preset": "sim", "top_k": 50},
+    "eta (simhash)": {"preset": "eta", "top_k": 50},
+    "twin": {"preset": "twin", "top_k": 50},
     "seminar, scratch": {"preset": "seminar", "top_k": 50},
     "seminar, pretrained": {"preset": "seminar", "top_k": 50, "_pretrain": True},
     "seminar, pretrained, own GSU": {
@@ -145,7 +147,7 @@ def tune_model(data_dir, tmp, label, model_cfg, seed, epochs, trials, history, p
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "movielens"])
-    parser.add_argument("--models", nargs="+", default=list(MODELS)[:5], choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS)[:7], choices=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-len", type=int, default=100)
