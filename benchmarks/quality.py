@@ -38,6 +38,9 @@ from seminar_tf import training, tuning  # noqa: E402
 from seminar_tf.data import movielens, synth  # noqa: E402
 from seminar_tf.data.readers import write_tables  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from seeds import LONGCTR, ci95  # noqa: E402
+
 MODELS = {
     "dnn (no history)": {"preset": "dnn"},
     "din (last 50)": {"preset": "din", "top_k": 50},
@@ -60,8 +63,6 @@ MODELS = {
         "freeze_pretrained": True,
     },
 }
-LONGCTR = {"DIN": 0.693, "SDIM": 0.686, "SIM": 0.678, "ETA": 0.678, "TWIN": 0.677,
-           "DNN": 0.670, "item CTR floor": 0.659}  # fmt: skip
 
 
 def prepare(name: str, tmp: str, max_len: int) -> str:
@@ -229,22 +230,9 @@ def summarise(results):
             vals = [r[key] for r in rs]
             row[key] = statistics.mean(vals)
             row[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            row[key + "_ci95"] = _ci95(vals)
+            row[key + "_ci95"] = ci95(vals)
         out.append(row)
     return out
-
-
-# Two-sided 97.5% quantiles of Student's t for n - 1 = 1..9 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
-
-
-def _ci95(vals: list) -> float:
-    """Half-width of the 95% interval of the mean over seeds (Student's t), 0 for one seed."""
-    n = len(vals)
-    if n < 2:
-        return 0.0
-    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
-    return t * statistics.stdev(vals) / n**0.5
 
 
 def print_table(summary):

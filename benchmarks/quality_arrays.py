@@ -32,8 +32,10 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("SEMINAR_QUIET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from seeds import LONGCTR, ci95  # noqa: E402
 
 HISTORIES = ("all", "positive")
 SPLITS = ("train", "valid", "test")
@@ -89,7 +91,6 @@ GRIDS = {
 
 # ----------------------------------------------------------------------------- dump (TF)
 def dump(datasets, out, max_len):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
     from quality import prepare  # the same preprocessing as benchmarks/quality.py
 
     from seminar_tf import spec
@@ -205,18 +206,6 @@ def _positive(arrays):
     x, y, _ = _split(arrays)
     keep = y > 0
     return {k: v[keep] for k, v in x.items()}, y[keep]
-
-
-# Two-sided 97.5% quantiles of Student's t for n - 1 = 1..9 degrees of freedom.
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
-
-
-def ci95(vals):
-    n = len(vals)
-    if n < 2:
-        return 0.0
-    t = _T975[n - 2] if n - 2 < len(_T975) else 1.96
-    return t * statistics.stdev(vals) / n**0.5
 
 
 def summarise(runs):
@@ -376,7 +365,7 @@ def report(args):
             "peers' protocol": "click-only history of up to 100 events (LongCTR)",
         },
         "settings": {"defaults": BASE, "peers' protocol": PEERS},
-        "public_figures_movielens_test_auc": PUBLIC,
+        "public_figures_movielens_test_auc": LONGCTR,
         "summary": summary,
         "runs": runs,
     }
@@ -404,11 +393,6 @@ def _groups(runs):
     return out
 
 
-# Public figures on MovieLens under the peers' protocol (LongCTR, test AUC).
-PUBLIC = {"DIN": 0.693, "SDIM": 0.686, "SIM": 0.678, "ETA": 0.678, "TWIN": 0.677,
-          "DNN": 0.670, "item CTR floor": 0.659}  # fmt: skip
-
-
 def _plot(summary, path):
     import matplotlib
 
@@ -428,10 +412,10 @@ def _plot(summary, path):
         lo = min(min(r["auc"] - r["auc_ci95"], r["gauc"] - r["gauc_ci95"]) for r in rows)
         hi = max(r["auc"] + r["auc_ci95"] for r in rows)
         if ds == "movielens" and protocol != "defaults":
-            for value in PUBLIC.values():
+            for value in LONGCTR.values():
                 ax.axvline(value, color="grey", ls=":", lw=0.8)
-            ax.axvline(PUBLIC["DIN"], color="red", ls="--", lw=1, label="public DIN 0.693")
-            hi = max(hi, PUBLIC["DIN"])
+            ax.axvline(LONGCTR["DIN"], color="red", ls="--", lw=1, label="public DIN 0.693")
+            hi = max(hi, LONGCTR["DIN"])
         ax.set_xlim(max(0.4, lo - 0.02), hi + 0.01)
         ax.set_title(f"{ds}, {protocol} (mean, 95% interval; seeds)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
