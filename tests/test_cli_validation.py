@@ -343,3 +343,26 @@ def test_grpc_client_without_tensorflow_then_tensorflow_works():
     result = subprocess.run([sys.executable, "-c", _ECHO_SCRIPT], env=_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=180)  # fmt: skip
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr[-4000:]
+
+
+@pytest.mark.parametrize(
+    ("argv", "config", "preset"),
+    [
+        ([], None, "seminar"),  # no preset anywhere: the seminar preset, as --help says
+        (["--preset", "din"], None, "din"),
+        ([], {"model": {"preset": "sim"}}, "sim"),
+        (["--preset", "eta"], {"model": {"preset": "sim"}}, "eta"),
+    ],
+)
+def test_train_preset_defaults_to_seminar(tmp_path, argv, config, preset):
+    if config is not None:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(config))
+        argv = argv + ["--config", str(path)]
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", *argv])
+    assert commands.train_config(args).model["preset"] == preset
+
+
+def test_pretrain_config_gets_no_preset():
+    args = cli.build_parser().parse_args(["pretrain", "--data", "d", "--out", "o"])
+    assert "preset" not in commands.train_config(args).model

@@ -199,7 +199,10 @@ def train_config(args):
             patience=args.patience,
             history=args.history,
         )
-        cfg.model = {**cfg.model, **model_overrides}
+        # `seminar train` without a preset (in --config or --preset) is the seminar preset, as
+        # its --help says: the presets' short-term branch comes with it.
+        default = {"preset": "seminar"} if args.command == "train" else {}
+        cfg.model = {**default, **cfg.model, **model_overrides}
         check_model_config(cfg.model, "psu" if args.command == "pretrain" else "ctr")
     except (OSError, json.JSONDecodeError) as e:
         raise UsageError(f"--config: {e}") from None
