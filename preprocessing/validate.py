@@ -140,59 +140,59 @@ class JoinCatalog(beam.DoFn):
         self._timestamps = []
 
 
-@beam.typehints.with_output_types(_KEYED)
-class ValidateItems(beam.DoFn):
-    """Raw items -> ``(item_id, (loc, clean item))``; a bad record goes to ``rejected``, a
-    bad vector is dropped from the item and reported (``dropped: "field"``)."""
+class _ValidateTableRows(beam.DoFn):
+    """Raw table rows -> ``(key, (loc, clean row))`` by ``parse`` (which returns the row and
+    its dropped fields); a bad record goes to ``rejected`` under ``stage``, a dropped field is
+    reported (``dropped: "field"``) and the row kept without it."""
+
+    stage, key = "", ""
 
     def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
         self._rules = rules
         self._sources = sources
 
+    def parse(self, record, rules):
+        raise NotImplementedError
+
     def process(self, element):
         loc, record = _split(element)
         where = _describe(self._sources, loc)
         try:
-            item, dropped = parse_item(record, self._rules)
+            row, dropped = self.parse(record, self._rules)
         except Invalid as e:
             yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection("items", e.reason, e.field, record, where)
+                REJECTED, rejection(self.stage, e.reason, e.field, record, where)
             )
             return
         for e in dropped:
             yield beam.pvalue.TaggedOutput(
                 REJECTED,
-                rejection("items", e.reason, e.field, record, where, dropped="field"),
+                rejection(self.stage, e.reason, e.field, record, where, dropped="field"),
             )
-        yield item["item_id"], (loc, item)
+        yield row[self.key], (loc, row)
 
 
 @beam.typehints.with_output_types(_KEYED)
-class ValidateUsers(beam.DoFn):
+class ValidateItems(_ValidateTableRows):
+    """Raw items -> ``(item_id, (loc, clean item))``; a bad record goes to ``rejected``, a
+    bad vector is dropped from the item and reported (``dropped: "field"``)."""
+
+    stage, key = "items", "item_id"
+
+    def parse(self, record, rules):
+        return parse_item(record, rules)
+
+
+@beam.typehints.with_output_types(_KEYED)
+class ValidateUsers(_ValidateTableRows):
     """Raw rows of the users table -> ``(user_id, (loc, clean user))``, with the item rules:
     a bad record goes to ``rejected``, a bad ``embedding`` is dropped from the user and
     reported (``dropped: "field"``)."""
 
-    def __init__(self, rules: ParseRules = DEFAULT_RULES, sources: Sources | None = None):
-        self._rules = rules
-        self._sources = sources
+    stage, key = "users", "user_id"
 
-    def process(self, element):
-        loc, record = _split(element)
-        where = _describe(self._sources, loc)
-        try:
-            user, dropped = parse_user(record, self._rules)
-        except Invalid as e:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED, rejection("users", e.reason, e.field, record, where)
-            )
-            return
-        for e in dropped:
-            yield beam.pvalue.TaggedOutput(
-                REJECTED,
-                rejection("users", e.reason, e.field, record, where, dropped="field"),
-            )
-        yield user["user_id"], (loc, user)
+    def parse(self, record, rules):
+        return parse_user(record, rules)
 
 
 @beam.typehints.with_output_types(_KEYED)
