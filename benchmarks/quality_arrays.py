@@ -41,7 +41,9 @@ HISTORIES = ("all", "positive")
 SPLITS = ("train", "valid", "test")
 
 # Named configurations. Keys: model (SeminarCTR settings), history, lr, batch, epochs,
-# patience, pretrain (None or PSU settings incl. "epochs", "lr"), restore_attention.
+# patience, pretrain (None or PSU settings incl. "epochs", "lr", "history": the windows the
+# PSU reads, default "positive"), restore_attention (default False, as `seminar train`), drop (modalities removed from the data
+# for both stages: "text" and "image" of the items, "query" everywhere).
 BASE = {"history": "all", "lr": 1e-3, "batch": 256, "epochs": 20, "patience": 2}
 PEERS = {**BASE, "history": "positive"}
 
@@ -64,7 +66,10 @@ def _models(base):
         "twin": _cfg(base, model={"preset": "twin", "top_k": 50}),
         "seminar, scratch": _cfg(base, model={"preset": "seminar", "top_k": 50}),
         "seminar, pretrained": _cfg(
-            base, model={"preset": "seminar", "top_k": 50}, pretrain={"epochs": 20}
+            base,
+            model={"preset": "seminar", "top_k": 50},
+            pretrain={"epochs": 20},
+            restore_attention=True,
         ),
     }
 
@@ -77,16 +82,63 @@ GRIDS = {
     "peers": {f"{k} (peers)": v for k, v in _models(PEERS).items()},
     # PSU ablation under the peers' protocol: one pretraining task off at a time
     "ablation": {
-        f"seminar, pretrained, no {task} (peers)": _cfg(
-            PEERS, model=_PSU, pretrain={"epochs": 20, "model": {"num_heads": 4, weight: 0.0}}
-        )
-        for task, weight in (
-            ("alignment", "align_weight"),
-            ("next-pair", "next_weight"),
-            ("relevance", "relevance_weight"),
-        )
+        **{
+            f"seminar, pretrained, no {task} (peers)": _cfg(
+                PEERS,
+                model=_PSU,
+                pretrain={"epochs": 20, "model": {"num_heads": 4, weight: 0.0}},
+                restore_attention=True,
+            )
+            for task, weight in (
+                ("alignment", "align_weight"),
+                ("next-pair", "next_weight"),
+                ("relevance", "relevance_weight"),
+            )
+        },
+        "seminar, pretrained, no G(j) (peers)": _cfg(
+            PEERS,
+            model={**_PSU, "gsu_projections": False},
+            pretrain={"epochs": 20},
+            restore_attention=True,
+        ),
+        **{
+            f"seminar, pretrained, no {m} (peers)": _cfg(
+                PEERS, model=_PSU, pretrain={"epochs": 20}, drop=[m], restore_attention=True
+            )
+            for m in ("text", "image", "query")
+        },
+    },
+    # ways to restore the PSU under the defaults
+    "pretrain": {
+        "seminar, pretrained, embeddings only": _cfg(
+            BASE, model=_PSU, pretrain={"epochs": 20}, restore_attention=False
+        ),
+        "seminar, pretrained on all-event windows": _cfg(
+            BASE, model=_PSU, pretrain={"epochs": 20, "history": "all"}, restore_attention=True
+        ),
     },
 }
+GRIDS["pretrain peers"] = {
+    f"{k} (peers)": {**v, "history": "positive"} for k, v in GRIDS["pretrain"].items()
+}
+_QUERY_FEATURES = ("target_query", "target_query_tokens", "hist_query", "hist_query_tokens")
+
+
+def drop_modalities(data: dict, tables: dict, drop) -> tuple:
+    """``(data, tables)`` without the ``drop`` modalities (copies; the inputs are shared):
+    items' text or image marked absent in the tables, or every query id and token zeroed."""
+    unknown = set(drop) - {"text", "image", "query"}
+    if unknown:
+        raise ValueError(f"drop: unknown modalities {sorted(unknown)}")
+    tables = dict(tables)
+    for m in {"text", "image"} & set(drop):
+        tables[f"item_has_{m}"] = np.zeros_like(tables[f"item_has_{m}"])
+    if "query" in drop:
+        data = {
+            key: {k: np.zeros_like(v) if k in _QUERY_FEATURES else v for k, v in arrays.items()}
+            for key, arrays in data.items()
+        }
+    return data, tables
 
 
 # ----------------------------------------------------------------------------- dump (TF)
@@ -144,6 +196,7 @@ def one_run(ds_dir, data, label, cfg, seed, verbose=0):
 
     data_spec = spec.DataSpec.load(ds_dir)
     tables = _load(os.path.join(ds_dir, spec.TABLES_FILE))
+    data, tables = drop_modalities(data, tables, cfg.get("drop", ()))
     keras.utils.set_random_seed(seed)
     t0 = time.time()
     hist = cfg["history"]
@@ -154,8 +207,9 @@ def one_run(ds_dir, data, label, cfg, seed, verbose=0):
     model = build_model(data_spec, cfg["model"], tables=tables)
     if cfg.get("pretrain"):
         pcfg = dict(cfg["pretrain"])
-        p_tr = _positive(data["positive", "train"])
-        p_va = _positive(data["positive", "valid"])
+        p_hist = pcfg.get("history", "positive")
+        p_tr = _positive(data[p_hist, "train"])
+        p_va = _positive(data[p_hist, "valid"])
         psu = build_psu(data_spec, pcfg.get("model", {"num_heads": 4}), tables=tables)
         psu.compile(optimizer=keras.optimizers.Adam(pcfg.get("lr", 1e-3)))
         ph = psu.fit(
@@ -166,7 +220,8 @@ def one_run(ds_dir, data, label, cfg, seed, verbose=0):
         )  # fmt: skip
         psu_epochs = len(ph.history["loss"])
         restored = model.restore_pretrained(
-            psu, include_attention=cfg.get("restore_attention", True)
+            psu,
+            include_attention=cfg.get("restore_attention", False),  # as TrainConfig
         )
     wd = cfg.get("weight_decay", 0.0)
     model.compile(
@@ -371,11 +426,12 @@ def report(args):
     }
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
-    lines = [f"{'dataset':<10} {'protocol':<16} {'model':<22} {'seeds':>5} {'test AUC':>17} "
+    w = max([len(r["model"]) for r in summary] + [5])
+    lines = [f"{'dataset':<10} {'protocol':<16} {'model':<{w}} {'seeds':>5} {'test AUC':>17} "
              f"{'test GAUC':>17} {'val AUC':>8}"]  # fmt: skip
     for r in summary:
         lines.append(
-            f"{r['dataset']:<10} {r['protocol']:<16} {r['model']:<22} {r['seeds']:>5} "
+            f"{r['dataset']:<10} {r['protocol']:<16} {r['model']:<{w}} {r['seeds']:>5} "
             f"{r['auc']:.4f} +-{r['auc_ci95']:.4f} {r['gauc']:.4f} +-{r['gauc_ci95']:.4f} "
             f"{r['val_auc']:>8.4f}"
         )

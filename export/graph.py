@@ -27,7 +27,9 @@ and ranks from the target alone.
 
 A model with user features (``SeminarCTR.use_user_features``) also has the retrieval output
 ``history_stats`` (statistics of the whole searched history, which the ranking sees only
-through its K kept behaviours) and the ranking inputs ``history_stats`` and the user:
+through its K kept behaviours, and of the retrieval's optional input ``user_counts``: the
+user's whole earlier history as counts, ``spec.USER_COUNTS``, negative counts rejected) and
+the ranking inputs ``history_stats`` and the user:
 ``user_id`` (raw: a ``StringLookup`` over ``vocab/users.txt``; "" = unknown user, the padding
 id 0; an unseen id is OOV; for data preprocessed with ``--user-hash-buckets N``, a
 :class:`UserHashLookup` computing the preprocessing's hash instead) or ``user`` (encoded,
@@ -427,6 +429,11 @@ class ServingGraphs:
         checks += self._check_same_length(features, hist_names + extra_names, "L")
         checks += self._check_attributes(features)
         checks += self._check_codes(features)
+        if spec.USER_COUNTS.name in features:
+            checks.append(tf.debugging.assert_non_negative(
+                features[spec.USER_COUNTS.name],
+                message=f"{spec.USER_COUNTS.name}: negative count",
+            ))  # fmt: skip
         if encoded:
             checks += self._check_ids(features, names)
         with tf.control_dependencies(checks):
@@ -439,11 +446,13 @@ class ServingGraphs:
                 history, lambda h: tf.not_equal(strip_text(h["hist_item"]), "")
             )
         extra = {n: history.pop(n) for n in extra_names}
+        # The user's whole-history counts feed history_stats (absent: a model without users).
+        counts = {n: features[n] for n in (spec.USER_COUNTS.name,) if n in features}
         if encoded:
             target = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES}
-            result = self._retrieval_outputs(target, history, order, extra, {})
+            result = self._retrieval_outputs(target, {**history, **counts}, order, extra, {})
         else:
-            target = self._encode_raw(features, "target")
+            target = {**self._encode_raw(features, "target"), **counts}
             if self.pq and not self.short_term:
                 encoded_history = self._mask_only_history(history)
             else:

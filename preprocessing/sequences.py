@@ -186,6 +186,8 @@ class EncodeUserSequence(beam.DoFn):
         split = tag_splits(cols["timestamp"], self._split_mode, tuple(split_times or ()))
         items = np.fromiter((lookups["item"].get(i, OOV_ID) for i in cols["item_id"]), np.int64, n)
         query_ids, tokens = self._encode_queries(cols["query"], lookups)
+        # clicks_before[i]: clicks among the user's first i events (the chunks' context)
+        clicks_before = np.concatenate([[0], np.cumsum(cols["label"] > 0)])
         n_prefix_total = 0
         bounds = chunk_bounds(cols["timestamp"], cols["label"], self._chunk_size, self._max_len)
         for chunk, (p, s, e) in enumerate(bounds):
@@ -196,6 +198,8 @@ class EncodeUserSequence(beam.DoFn):
             feat["chunk"].int64_list.value.append(chunk)
             feat["num_prefix"].int64_list.value.append(s - p)
             feat["user"].int64_list.value.append(user)
+            feat["events_before"].int64_list.value.append(p)
+            feat["clicks_before"].int64_list.value.append(int(clicks_before[p]))
             feat["item"].int64_list.value.extend(items[p:e].tolist())
             feat["query"].int64_list.value.extend(query_ids[p:e].tolist())
             feat["query_tokens"].int64_list.value.extend(tokens[p:e].ravel().tolist())

@@ -62,7 +62,10 @@ USER_VECTOR_FIELDS = ("embedding",)
 SEQ_CONTEXT_BYTES = ("user_id",)
 # ``user``: the encoded user id (``vocab/users.txt``; 1 = OOV for users below the
 # preprocessing's --min-user-count), beside the raw ``user_id``.
-SEQ_CONTEXT_INT = ("chunk", "num_prefix", "user")
+# ``events_before`` / ``clicks_before``: the user's events (and clicks among them) before the
+# chunk's first stored event, so the reader counts a target's whole earlier history
+# (``user_counts``) from one chunk.
+SEQ_CONTEXT_INT = ("chunk", "num_prefix", "user", "events_before", "clicks_before")
 SEQ_COLUMNS = ("item", "query", "timestamp", "label", "split")
 SEQ_QUERY_TOKENS = "query_tokens"
 
@@ -98,8 +101,15 @@ MODEL_FEATURES = (
         "user id (vocab/users.txt; 0 = unknown user / padding, 1 = OOV: a rare user)",
         optional=True,
     ),
+    FeatureSpec(
+        "user_counts", "int64", (3,), 0,
+        "the user's whole history strictly before the target (not only the window): [events, "
+        "clicks among them, seconds since the latest of them (0 when none)]",
+        optional=True,
+    ),
 )  # fmt: skip
-USER = MODEL_FEATURES[-1]
+USER = next(f for f in MODEL_FEATURES if f.name == "user")
+USER_COUNTS = next(f for f in MODEL_FEATURES if f.name == "user_counts")
 MODEL_FEATURE_NAMES = tuple(f.name for f in MODEL_FEATURES)
 LABEL = FeatureSpec("label", "float32", (), 0.0, "click label of the target")
 # Carried beside the features for evaluation (GAUC groups by user), not fed to the model.
@@ -293,8 +303,9 @@ SHORT_TERM = FeatureSpec(
 # searched for the ranking, which sees only the K kept behaviours; both models take the user
 # (``user_id`` raw, ``user`` encoded; the ranking embeds it).
 HISTORY_STATS = FeatureSpec(
-    "history_stats", "float32", (2,), 0.0,
-    "[log1p(number of real behaviours), their click rate (0 when none)] of the history",
+    "history_stats", "float32", (5,), 0.0,
+    "[log1p(real behaviours of the history), their click rate, log1p(user_counts events), "
+    "their click rate, log1p(hours since the latest)] (0 where there are none)",
 )  # fmt: skip
 PROBABILITY = FeatureSpec("probability", "float32", (), 0.0, "click probability of the target")
 # Stored product-quantization codes of the history (models whose GSU scorer is ``"pq"``): per
@@ -412,8 +423,9 @@ def serving_signature(
     ``short_term_len > 0``), ``extra_inputs`` of the retrieval (features a GSU scorer
     declares, e.g. stored product-quantization codes) and, for a model with
     ``user_features``, the user (``user_id`` raw, ``user`` encoded; an input of both models,
-    optional, so one request's features fit either stage: the retrieval only checks it) and
-    ``history_stats`` (retrieval output, ranking input). The ``PQ_SIGNATURES`` have no
+    optional, so one request's features fit either stage: the retrieval only checks it), the
+    retrieval's optional ``user_counts`` and ``history_stats`` (retrieval output, ranking
+    input). The ``PQ_SIGNATURES`` have no
     optional features."""
     known = {**SERVING_SIGNATURES, **PQ_SIGNATURES}
     if name not in known:
@@ -424,7 +436,7 @@ def serving_signature(
     inputs, outputs = sig.inputs, sig.outputs
     user = USER if sig.encoded else raw_feature(USER)
     if sig.model == RETRIEVAL_MODEL:
-        inputs = inputs + ((user,) if user_features else ()) + tuple(extra_inputs)
+        inputs = inputs + ((user, USER_COUNTS) if user_features else ()) + tuple(extra_inputs)
         outputs = outputs + ((SHORT_TERM,) if short_term else ())
         outputs = outputs + ((HISTORY_STATS,) if user_features else ())
     else:

@@ -177,7 +177,18 @@ def make_features(
         "user": np.random.default_rng([seed, 11])
         .integers(0, max(s.num_users, 1), size=batch_size)
         .astype(np.int64),
+        "user_counts": _user_counts(hist_item, hist_label, np.random.default_rng([seed, 13])),
     }
+
+
+def _user_counts(hist_item, hist_label, rng) -> np.ndarray:
+    """``spec.USER_COUNTS`` consistent with the windows: the window's events and clicks plus
+    a random earlier part of the history, and a random gap (0 for a user with no events)."""
+    events = (hist_item != 0).sum(axis=1) + rng.integers(0, 50, size=len(hist_item))
+    clicks = (hist_label > 0).sum(axis=1) + rng.integers(0, 25, size=len(hist_item))
+    clicks = np.minimum(clicks, events)
+    gap = np.where(events > 0, rng.integers(1, 10**7, size=len(hist_item)), 0)
+    return np.stack([events, clicks, gap], axis=1).astype(np.int64)
 
 
 def make_batch(data_spec: spec.DataSpec, batch_size: int, seed: int = 0, **kwargs):

@@ -83,7 +83,11 @@ class TrainConfig:
     shuffle_buffer: int = 20_000
     distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
     bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
-    restore_attention: bool = True  # with --pretrained: also copy the PSU attention to the GSU
+    # With --pretrained, also copy the PSU's attention to the GSU scorer. Off by default: the
+    # pretrained pair embedding alone validated better on MovieLens (SEMINAR, history "all",
+    # 3 seeds, H200: validation AUC 0.7525 +-0.005 against 0.7494 +-0.001 with the attention
+    # restored; benchmarks/results/quality_arrays.json).
+    restore_attention: bool = False
     model: dict = dataclasses.field(default_factory=dict)
 
     @classmethod

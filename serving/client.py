@@ -488,7 +488,13 @@ class CascadeClient:
         except TypeError as e:
             raise ServingError(spec.RETRIEVAL_MODEL, str(e), field=field) from None
 
-    def rank_candidates(self, history: list, candidates: list, user_id: str | None = None) -> list:
+    def rank_candidates(
+        self,
+        history: list,
+        candidates: list,
+        user_id: str | None = None,
+        user_counts: tuple | None = None,
+    ) -> list:
         """Scores ``candidates`` (``[{"item_id", "query"?, "attributes"?}]``) for one
         user's ``history`` (``[{"item_id", "query"?, "label"?}]``, oldest first) through the
         cascade (raw signatures; a ``"pq"`` model's history codes come from its ``pq_codes``
@@ -501,7 +507,11 @@ class CascadeClient:
         them (or with an empty list) the table's are used. See :func:`pad_attributes`.
 
         ``user_id``: the user as in the logs, for a model with user features (None or "" =
-        unknown user: "" is sent); a served model without user features ignores it."""
+        unknown user: "" is sent); a served model without user features ignores it.
+        ``user_counts``: ``(events, clicks, seconds since the latest event)`` of the user's
+        whole history before now (``spec.USER_COUNTS``, as an event store counts them);
+        None counts the given ``history`` (its events, its clicks, gap 0), which is exact
+        only when it is the whole history."""
         if self.encoded:
             raise ValueError("rank_candidates uses the raw signatures; create the client "
                              "with encoded=False")  # fmt: skip
@@ -524,6 +534,10 @@ class CascadeClient:
                     spec.RANKING_MODEL, f"expects a string, got {user_id!r}", field=user_input
                 )
             features[user_input] = [user_id or ""] * b
+        if spec.USER_COUNTS.name in {f.name for f in self._signature(spec.RETRIEVAL_MODEL).inputs}:
+            features[spec.USER_COUNTS.name] = np.repeat(
+                _user_counts(history, user_counts)[None, :], b, axis=0
+            )
         retrieved, probability = self.cascade(features)
         lead = hist["hist_item"].shape[1] - len(history)
         ranked = []
@@ -550,6 +564,28 @@ class CascadeClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _user_counts(history: list, given) -> np.ndarray:
+    """``user_counts`` ``[3]`` int64: ``given`` checked, or counted from ``history``."""
+    field = spec.USER_COUNTS.name
+    if given is None:
+        clicks = sum(int(e.get("label", 1)) > 0 for e in history)
+        return np.array([len(history), clicks, 0], np.int64)
+    values = list(given) if isinstance(given, (list, tuple, np.ndarray)) else None
+    if (
+        values is None
+        or len(values) != 3
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+        or min(values) < 0
+    ):
+        raise ServingError(
+            spec.RETRIEVAL_MODEL,
+            f"expects (events, clicks, seconds since the latest) as 3 non-negative integers, "
+            f"got {given!r}",
+            field=field,
+        )
+    return np.array(values, np.int64)
 
 
 def _text(value) -> str:

@@ -67,6 +67,7 @@ def test_evaluate_ranking_samples_distinct_negatives_and_ranks_an_oracle_first()
         "hist_query_tokens": np.zeros((b, L, q), np.int64),
         "hist_label": np.zeros((b, L), np.int64),
         "user": np.full(b, 2, np.int64),
+        "user_counts": np.zeros((b, 3), np.int64),
         "user_id": np.array([b"u"] * b),
     }
     labels = np.ones(b, np.float32)

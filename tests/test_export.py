@@ -116,7 +116,8 @@ def _python_encoder(data_dir):
                 [tables["user"].get(u.strip(), spec.OOV_ID) if u.strip() else 0
                  for u in dec(np.asarray(raw["user_id"], dtype=object))], np.int64,
             )  # fmt: skip
-        for name in ("hist_label", "kept_label", "kept_score", spec.HISTORY_STATS.name):
+        for name in ("hist_label", "kept_label", "kept_score", spec.HISTORY_STATS.name,
+                     spec.USER_COUNTS.name):  # fmt: skip
             if name in raw:
                 out[name] = raw[name]
         return out
@@ -131,7 +132,7 @@ def _raw_requests(tiny, n_users=6, length=15):
     import pyarrow.parquet as pq
 
     events = pq.read_table(os.path.join(tiny["raw"], "events.parquet")).to_pandas()
-    histories, targets, users = [], [], []
+    histories, targets, users, counts = [], [], [], []
     for i, (user, rows) in enumerate(
         events.sort_values(["user_id", "timestamp"]).groupby("user_id")
     ):
@@ -145,6 +146,9 @@ def _raw_requests(tiny, n_users=6, length=15):
             hist[-2]["query"] = "  " + hist[-2]["query"].upper() + " !!"
         histories.append(hist)
         target = dict(rows[-1])
+        earlier = [r for r in rows if r["timestamp"] < target["timestamp"]]
+        gap = target["timestamp"] - earlier[-1]["timestamp"] if earlier else 0
+        counts.append([len(earlier), sum(r["label"] > 0 for r in earlier), gap])
         if i == 2:
             target["query"] = "Unknown Words ÉCOLE"
         targets.append(target)
@@ -153,6 +157,7 @@ def _raw_requests(tiny, n_users=6, length=15):
     features["target_query"] = np.array([t["query"].encode() for t in targets], dtype=object)
     features["target_attributes"] = _no_attributes(tiny, len(targets), raw=True)
     features["user_id"] = np.array([u.encode() for u in users[: len(targets)]], dtype=object)
+    features["user_counts"] = np.array(counts, np.int64)  # the whole earlier history
     return features
 
 

@@ -86,6 +86,7 @@ def _requests(tiny, targets: list, attributes: list) -> tuple:
         "hist_query": np.full(hist_ids.shape, b"", object),
         "hist_label": (hist_ids > 0).astype(np.int64),
         "user_id": np.full(b, b"", object),  # unknown user
+        "user_counts": np.zeros((b, 3), np.int64),
     }
     encoded = {
         "target_item": np.array([ids.get(t, spec.OOV_ID) for t in targets], np.int64),
@@ -97,6 +98,7 @@ def _requests(tiny, targets: list, attributes: list) -> tuple:
         "hist_query_tokens": np.zeros(hist_ids.shape + (q,), np.int64),
         "hist_label": raw["hist_label"],
         "user": np.zeros(b, np.int64),
+        "user_counts": raw["user_counts"],
     }
     return raw, encoded
 

@@ -38,11 +38,12 @@ def loaded(tiny):
 
 def _call(loaded, model, signature, inputs):
     """Calls an exported signature with the inputs it takes from ``inputs``; a request
-    without the user gets the unknown user ("" raw, 0 encoded)."""
+    without the user gets the unknown user ("" raw, 0 encoded) with no earlier events."""
     fn = loaded[model].signatures[signature]
     names = fn.structured_input_signature[1]
     batch = len(next(iter(inputs.values())))
-    unknown_user = {"user_id": np.full(batch, b"", object), "user": np.zeros(batch, np.int64)}
+    unknown_user = {"user_id": np.full(batch, b"", object), "user": np.zeros(batch, np.int64),
+                    "user_counts": np.zeros((batch, 3), np.int64)}  # fmt: skip
     inputs = {**{k: v for k, v in unknown_user.items() if k in names}, **inputs}
     out = fn(**{k: tf.constant(v) for k, v in inputs.items() if k in names})
     return {k: v.numpy() for k, v in out.items()}
@@ -106,7 +107,8 @@ def test_codes_and_cascade_equal_the_keras_model(tiny, pq_model, loaded):
     codes = _call(loaded, "retrieval", "pq_codes_encoded",
                   _history_inputs(features, _code_inputs(True)))[CODES]  # fmt: skip
     np.testing.assert_array_equal(codes, np.asarray(pq_model.pq_codes(features)))
-    hist = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES}
+    wanted = spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES + (spec.USER_COUNTS,)
+    hist = {f.name: features[f.name] for f in wanted}
     out = _call(loaded, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
     want = pq_model.retrieve(features)
     kept = np.asarray(want["kept_mask"])
@@ -166,7 +168,8 @@ def test_invalid_codes_are_rejected_naming_the_field(tiny, loaded, change, match
     codes = _call(loaded, "retrieval", "pq_codes_encoded",
                   _history_inputs(features, _code_inputs(True)))[CODES]  # fmt: skip
     change(codes)
-    hist = {f.name: features[f.name] for f in spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES}
+    wanted = spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES + (spec.USER_COUNTS,)
+    hist = {f.name: features[f.name] for f in wanted}
     with pytest.raises(tf.errors.InvalidArgumentError, match=f"{CODES}: .*{match}"):
         _call(loaded, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError, TypeError)):
@@ -203,6 +206,8 @@ def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
     features["target_item"] = np.array([c["item_id"].encode() for c in candidates], object)
     features["target_query"] = np.array([b""] * 3, object)
     features["target_attributes"] = _no_attributes(tiny, 3, raw=True)
+    # what the client sends without given counts: the history's 12 events, all clicks
+    features["user_counts"] = np.array([[12, 12, 0]] * 3, np.int64)
     out = _call(loaded, "retrieval", "retrieve", features)
     ranking = {**features, **out}
     probability = _call(loaded, "ranking", "rank", ranking)["probability"]

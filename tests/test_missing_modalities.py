@@ -181,6 +181,8 @@ def _keras_request(data_dir: str, history: list, candidates: list) -> dict:
         "hist_query_tokens": [[0] * q] + [p[1] for p in hist_q],
         "hist_label": [0] + [int(h.get("label", 1)) for h in history],
     }
+    # the client's user_counts without given counts: the history's events and clicks, gap 0
+    row["user_counts"] = [len(history), sum(int(h.get("label", 1)) > 0 for h in history), 0]
     features = {k: np.repeat(np.asarray([v], np.int64), n, 0) for k, v in row.items()}
     target_q = [query(c.get("query", "")) for c in candidates]
     features["target_item"] = np.array([encode("item", c["item_id"]) for c in candidates])
@@ -314,6 +316,7 @@ def test_raw_signatures_take_what_the_model_never_saw(built):
     raw["user_id"] = np.full(len(candidates), b"", object)  # unknown user
     encoded = _keras_request(built["data"], history, candidates)
     encoded.setdefault("user", np.zeros(len(candidates), np.int64))
+    raw["user_counts"] = encoded["user_counts"]
     if "query" in absent:
         assert set(encoded["target_query"].tolist()) == {spec.PAD_ID, spec.OOV_ID}
         assert set(np.unique(encoded["hist_query_tokens"])) == {spec.PAD_ID, spec.OOV_ID}

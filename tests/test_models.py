@@ -117,6 +117,21 @@ def test_ctr_shapes_and_fit_step(config):
         assert not model.gsu.trainable
 
 
+def test_without_gsu_projections_the_gsu_scores_pair_vectors_and_still_trains():
+    """``gsu_projections=False`` (the "without G(j)" ablation): no projection layers, the
+    GSU keeps the score bias (so it trains), and the setting survives get_config."""
+    with_g = compiled_ctr()
+    without = compiled_ctr({"gsu_projections": False})
+    assert with_g.gsu_modalities and not without.gsu_modalities
+    assert not any("gsu_projection" in w.path for w in without.weights)
+    assert without._use_gsu_bias and without.gsu.trainable
+    assert SeminarCTR.from_config(without.get_config()).gsu_projections is False
+    x, y = batch(32)
+    before = weights_of(without.gsu)
+    without.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert any(not np.allclose(a, b) for a, b in zip(before, weights_of(without.gsu)))
+
+
 def test_ctr_padding_changes_nothing_and_padding_side_does_not_matter():
     model = build_model(SPEC, {**CTR, "search": "exact"}, TABLES)
     x, _ = batch(16, padding="left")

@@ -68,6 +68,9 @@ def _reference(tiny, history, candidates, user_id=""):
     width = spec.DataSpec.load(tiny["data"]).max_attributes
     features["target_attributes"] = pad_attributes([c.get("attributes") for c in candidates], width)
     features["user_id"] = np.array([user_id.encode()] * len(candidates), object)
+    # what the client sends without given counts: the history's events and clicks, gap 0
+    counts = [len(history), sum(int(h.get("label", 1)) > 0 for h in history), 0]
+    features["user_counts"] = np.array([counts] * len(candidates), np.int64)
     retrieve = loaded["retrieval"].signatures["serving_default"]
     out = {
         k: v.numpy()
@@ -157,6 +160,7 @@ def test_server_is_dtype_and_rank_strict_like_tf_serving(tiny, server, vocab):
     good["target_item"] = np.array([vocab["item"][0].encode()], object)
     good["target_query"] = np.array([b""], object)
     good["user_id"] = np.array([b""], object)
+    good["user_counts"] = np.array([[3, 3, 0]], np.int64)
     good["target_attributes"] = pad_attributes(
         [None], spec.DataSpec.load(tiny["data"]).max_attributes
     )
@@ -230,7 +234,7 @@ def test_client_errors_name_stage_and_field(server, vocab):
         raw.rank({"target_item": ["x"], "target_query": [""], "kept_item": [[""] * 8],
                   "kept_query": [[""] * 8], "kept_label": [[0] * 8],
                   "kept_score": [[float("nan")] + [0.0] * 7],
-                  "history_stats": [[0.0, 0.0]]})  # fmt: skip
+                  "history_stats": [[0.0] * 5]})  # fmt: skip
     assert e.value.stage == "ranking" and e.value.field == "kept_score" and e.value.code == 400
     wrong = CascadeClient(server.grpc_target, ranking_model="no-such-model")
     with pytest.raises(ServingError) as e:

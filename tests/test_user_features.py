@@ -23,13 +23,17 @@ OLD_MODEL = os.path.join(HERE, "data", "pre_user_features_model.keras")
 SMALL = {"embedding_dim": 8, "num_heads": 2, "top_k": 4, "hidden_units": [8]}
 
 
-def _numpy_stats(hist_item, hist_label):
+def _numpy_stats(hist_item, hist_label, user_counts=None):
     """The statistics computed independently, row by row."""
     out = []
-    for items, labels in zip(np.asarray(hist_item), np.asarray(hist_label)):
+    counts = np.zeros((len(hist_item), 3)) if user_counts is None else np.asarray(user_counts)
+    for items, labels, (events, clicks, gap) in zip(
+        np.asarray(hist_item), np.asarray(hist_label), counts
+    ):
         real = [int(lab) for it, lab in zip(items, labels) if it != 0]
         rate = sum(real) / len(real) if real else 0.0
-        out.append([np.log1p(len(real)), rate])
+        user_rate = clicks / events if events else 0.0
+        out.append([np.log1p(len(real)), rate, np.log1p(events), user_rate, np.log1p(gap / 3600)])
     return np.asarray(out, np.float32)
 
 
@@ -108,11 +112,15 @@ def test_history_statistics_match_numpy():
     ds = testing.make_data_spec()
     features = testing.make_features(ds, 32, seed=4, padding="mixed")
     features["hist_item"][0] = 0  # an empty history: count 0, rate 0
-    expected = _numpy_stats(features["hist_item"], features["hist_label"])
-    got = np.asarray(history_statistics(features["hist_item"], features["hist_label"]))
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    np.testing.assert_array_equal(got[0], [0.0, 0.0])
-    assert len({round(float(r), 4) for r in got[:, 1]}) > 3  # rates really vary
+    features["user_counts"][0] = 0  # a user with no earlier events
+    args = (features["hist_item"], features["hist_label"], features["user_counts"])
+    got = np.asarray(history_statistics(*args))
+    np.testing.assert_allclose(got, _numpy_stats(*args), rtol=1e-5)
+    np.testing.assert_array_equal(got[0], [0.0] * 5)
+    for col in (1, 3, 4):  # rates and gaps really vary
+        assert len({round(float(r), 4) for r in got[:, col]}) > 3
+    without = np.asarray(history_statistics(*args[:2]))
+    np.testing.assert_allclose(without, _numpy_stats(*args[:2]), rtol=1e-5)
 
 
 def test_history_statistics_ignore_the_target_and_later_events():
@@ -132,17 +140,65 @@ def test_history_statistics_ignore_the_target_and_later_events():
     }
     target = tf.constant([3], tf.int64)  # timestamp 3: the event at index 2 is a tie
 
-    def stats(rec):
-        w = cut_windows({k: tf.constant(v) for k, v in rec.items()}, target, 6, 2, "all")
-        return np.asarray(history_statistics(w["hist_item"], w["hist_label"]))
+    # the chunk holds the user's events after 10 earlier ones (4 of them clicks)
+    record.update(events_before=tf.constant(10, tf.int64), clicks_before=tf.constant(4, tf.int64))
+
+    def stats(rec, history="all"):
+        w = cut_windows({k: tf.constant(v) for k, v in rec.items()}, target, 6, 2, history)
+        return np.asarray(history_statistics(w["hist_item"], w["hist_label"], w["user_counts"]))
 
     before = stats(record)
-    np.testing.assert_allclose(before, _numpy_stats([[2, 3]], [[1, 0]]), rtol=1e-6)
+    expected = _numpy_stats([[2, 3]], [[1, 0]], [[12, 5, 3 - 2]])
+    np.testing.assert_allclose(before, expected, rtol=1e-6)
+    # the click-only window still gets the user's whole-history counts
+    positive = stats(record, "positive")
+    np.testing.assert_allclose(positive, _numpy_stats([[2]], [[1]], [[12, 5, 1]]), rtol=1e-6)
+    np.testing.assert_array_equal(stats(dict(record, timestamp=ts * 100))[0, 2:4], before[0, 2:4])
     changed = dict(record, label=np.array([1, 0, 0, 1, 0, 0, 1], np.int64),
                    item=np.array([2, 3, 9, 9, 0 + 9, 9, 9], np.int64))  # fmt: skip
     np.testing.assert_array_equal(stats(changed), before)
     earlier = dict(record, label=np.array([0, 0, 1, 0, 1, 1, 0], np.int64))
     assert not np.array_equal(stats(earlier), before)  # the check can fail
+
+
+def test_user_counts_across_chunks_match_the_raw_events(tmp_path):
+    """``user_counts`` from the reader equal counts over the raw events strictly earlier
+    than each target (ties excluded), also when the user's events span many stored chunks
+    and whatever the history mode."""
+    from seminar_tf.cli import main
+    from seminar_tf.data.dataset import make_dataset
+
+    rng = np.random.default_rng(7)
+    items = [{"item_id": f"i{i}", "text": "", "attributes": []} for i in range(6)]
+    events = []
+    for u, n in (("a", 23), ("b", 9), ("c", 2)):
+        ts = np.sort(rng.integers(0, 40, size=n)) * 60 + 100_000  # many ties
+        for t in ts:
+            events.append({"user_id": u, "timestamp": int(t), "item_id": f"i{rng.integers(6)}",
+                           "query": "", "label": int(rng.integers(2))})  # fmt: skip
+    # preprocessing drops exact duplicates: keep one copy, so every event counts
+    events = list({json.dumps(e, sort_keys=True): e for e in events}.values())
+    for name, rows in (("events", events), ("items", items)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "data")
+    assert main(["preprocess", "--events", str(tmp_path / "events.jsonl"), "--items",
+                 str(tmp_path / "items.jsonl"), "--out", out, "--max-len", "3",
+                 "--chunk-size", "4", "--split", "last"]) == 0  # fmt: skip
+    seen = 0
+    for history in ("all", "positive"):
+        for split in spec.SPLIT_NAMES:
+            for features, _ in make_dataset(out, split, 8, history=history, include_meta=True):
+                for u, t, counts in zip(features["user_id"].numpy(), features["timestamp"].numpy(),
+                                        features["user_counts"].numpy()):  # fmt: skip
+                    earlier = [
+                        e for e in events if e["user_id"] == u.decode() and e["timestamp"] < t
+                    ]
+                    gap = t - max(e["timestamp"] for e in earlier) if earlier else 0
+                    clicks = sum(e["label"] for e in earlier)
+                    assert counts.tolist() == [len(earlier), clicks, gap]
+                    seen += 1
+    assert seen == 2 * len(events)  # every event is a target once per history mode
 
 
 # --------------------------------------------------------------------------- the model
@@ -248,6 +304,39 @@ def test_planted_per_user_propensity_is_learned_only_with_user_features():
     assert aucs[True] > 0.75 and aucs[True] > aucs[False] + 0.15, aucs
 
 
+def test_whole_history_click_rate_is_learned_from_a_click_only_window():
+    """Unknown users (id 0) whose labels follow their whole-history click rate, seen only
+    through ``user_counts``: the click-only window (every ``hist_label`` 1) carries nothing
+    of it, the counts do, so the model learns it; with the counts zeroed it cannot."""
+    ds = testing.make_data_spec(num_users=10, max_len=6)
+    tables = testing.make_tables(ds)
+    rng = np.random.default_rng(3)
+
+    def data(n, seed):
+        x = testing.make_features(ds, n, seed=seed)
+        x["user"] = np.zeros(n, np.int64)
+        x["hist_label"] = (x["hist_item"] != 0).astype(np.int64)
+        events = rng.integers(10, 500, size=n)
+        rate = rng.random(n)
+        gap = rng.integers(1, 10**6, size=n)
+        x["user_counts"] = np.stack([events, (rate * events).astype(int), gap], 1)
+        return x, (rng.random(n) < rate).astype(np.float32)
+
+    (x, y), (xv, yv) = data(3000, 1), data(1000, 2)
+    aucs = {}
+    for zeroed in (False, True):
+        keras.utils.set_random_seed(0)
+        model = build_model(ds, {"preset": "dnn", "embedding_dim": 8, "hidden_units": [16],
+                                 "dropout": 0.0}, tables)  # fmt: skip
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="binary_crossentropy")
+        counts = (
+            (lambda f: dict(f, user_counts=np.zeros_like(f["user_counts"]))) if zeroed else dict
+        )
+        model.fit(counts(x), y, epochs=4, batch_size=128, verbose=0)
+        aucs[zeroed] = testing.roc_auc(yv, np.asarray(model.predict(counts(xv), verbose=0)))
+    assert aucs[False] > 0.75 and aucs[False] > aucs[True] + 0.15, aucs
+
+
 # ---------------------------------------------------------------------- export, client
 def test_empty_user_vocabulary_lookup(tmp_path):
     from export.graph import EmptyVocabularyLookup, Vocabularies
@@ -279,6 +368,48 @@ def test_encoded_user_out_of_range_is_invalid_argument(tiny):
     for bad in (num_users, -1):
         with pytest.raises(tf.errors.InvalidArgumentError, match="user"):
             fn(**dict(inputs, user=tf.constant([bad], tf.int64)))
+
+
+def test_negative_user_counts_are_invalid_argument(tiny):
+    from export import writer
+
+    loaded = tf.saved_model.load(writer.version_dir(tiny["export"], spec.RETRIEVAL_MODEL))
+    for name in ("retrieve", "retrieve_encoded"):
+        fn = loaded.signatures[name]
+        specs = fn.structured_input_signature[1]
+        assert specs["user_counts"].shape.as_list() == [None, 3]
+        inputs = {n: tf.zeros([1] + [d or 2 for d in s.shape.as_list()[1:]], s.dtype)
+                  for n, s in specs.items()}  # fmt: skip
+        fn(**inputs)
+        bad = tf.constant([[4, 2, -1]], tf.int64)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="user_counts"):
+            fn(**dict(inputs, user_counts=bad))
+
+
+def test_client_sends_user_counts_given_or_counted_and_refuses_bad_ones(tiny):
+    from serving import local_server
+    from serving.client import CascadeClient, ServingError
+
+    with open(os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])) as f:
+        items = [line.rstrip("\n") for line in f]
+    history = [{"item_id": items[i], "label": i % 2} for i in (3, 5, 8)]
+    candidates = [{"item_id": items[i]} for i in (1, 2, 4)]
+
+    def probabilities(ranked):
+        return {r["item_id"]: r["probability"] for r in ranked}
+
+    with local_server.LocalServer.from_export(tiny["export"]) as server:
+        with CascadeClient(server.grpc_target) as client:
+            counted = probabilities(client.rank_candidates(history, candidates))
+            # the client counts the history: 3 events, 2 clicks (labels i % 2: 1, 1, 0)
+            same = probabilities(client.rank_candidates(history, candidates, user_counts=(3, 2, 0)))
+            other = client.rank_candidates(history, candidates, user_counts=(900, 12, 86_400))
+            for bad in ((1, 2), (-1, 0, 0), (1.5, 1, 0), "abc", (True, 0, 0)):
+                with pytest.raises(ServingError) as err:
+                    client.rank_candidates(history, candidates, user_counts=bad)
+                assert err.value.field == "user_counts"
+    assert same == counted
+    assert probabilities(other) != counted
 
 
 def test_client_sends_the_user_over_the_local_server(tiny):
@@ -315,6 +446,8 @@ def test_client_sends_the_user_over_the_local_server(tiny):
     q = spec.DataSpec.load(tiny["data"]).max_query_tokens
     features["target_query_tokens"] = np.zeros((3, q), np.int64)
     features["hist_query_tokens"] = np.zeros(hist.shape + (q,), np.int64)
+    # without user_counts the client counts the given history: 3 events, 3 clicks, gap 0
+    features["user_counts"] = np.array([[3, 3, 0]] * 3, np.int64)
     for user, uid in ((users[1], 3), ("never-seen", spec.OOV_ID), ("", spec.PAD_ID)):
         expected = np.asarray(model(dict(features, user=np.full(3, uid, np.int64))))
         got = [answers[user][c["item_id"]] for c in candidates]

@@ -285,6 +285,8 @@ def _keras_features(data_dir: str, history: list, candidates: list, user: int) -
         "hist_label": np.array([[0] + [h["label"] for h in history]] * n, np.int64),
         spec.TARGET_ATTRIBUTES.name: np.zeros((n, a), np.int64),
         "user": np.full(n, user, np.int64),
+        # what the client sends without given counts: the history's events and clicks, gap 0
+        "user_counts": np.array([[len(history), sum(h["label"] for h in history), 0]] * n),
     }  # fmt: skip
 
 

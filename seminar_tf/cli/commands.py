@@ -351,8 +351,9 @@ def cmd_query(args, extra) -> int:
     client = CascadeClient(args.server, protocol=args.protocol, timeout_s=args.timeout)
     try:
         ranked = client.rank_candidates(
-            request.get("history", []), request["candidates"], user_id=user_id
-        )
+            request.get("history", []), request["candidates"], user_id=user_id,
+            user_counts=request.get("user_counts"),
+        )  # fmt: skip
     except ServingError as e:
         raise UsageError(str(e)) from None
     finally:

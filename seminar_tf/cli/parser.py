@@ -273,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument(
         "--protocol", choices=("grpc", "rest"), default="grpc", help="TF Serving API to call"
     )
-    qu.add_argument("--request", required=True, help='JSON {"history": [...], "candidates": [...]}')
+    qu.add_argument(
+        "--request", required=True,
+        help='JSON {"history": [...], "candidates": [...], "user_id"?: "...", "user_counts"?: '
+        "[events, clicks, seconds since the latest]}",
+    )  # fmt: skip
     qu.add_argument(
         "--timeout", type=positive_float, default=5.0, help="deadline per call, seconds"
     )

@@ -5,6 +5,8 @@ earlier than the target (events sharing the target's timestamp are not history),
 and left-padded with 0, so position L-1 is the most recent behaviour; with ``history="all"``
 (``spec.DEFAULT_HISTORY``) clicks and non-clicks with their labels, with ``history="positive"``
 (the long-sequence CTR literature's protocol) the L most recent clicked events instead.
+Whatever the window holds, every target also gets ``user_counts``: the user's whole history
+strictly before it (events, clicks, seconds since the latest), counted across chunks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from seminar_tf import spec
 HISTORY_MODES = spec.HISTORY_MODES
 TARGET_MODES = ("all", "positive")
 _TARGET_BLOCK = 256
+# Context written by later versions of `seminar preprocess`: older records read as 0 (the user
+# unknown; whole-history counts then start at the record's first event).
+_CONTEXT_DEFAULTS = (spec.USER.name, "events_before", "clicks_before")
 
 
 def parse_spec() -> dict:
@@ -27,7 +32,7 @@ def parse_spec() -> dict:
     for name in spec.SEQ_CONTEXT_INT:
         # Records written before the user vocabulary have no ``user``: padding (0) there, and
         # a model with user features refuses such an output (no ``num_users`` in its schema).
-        default = spec.PAD_ID if name == spec.USER.name else None
+        default = spec.PAD_ID if name in _CONTEXT_DEFAULTS else None
         features[name] = tf.io.FixedLenFeature([], tf.int64, default_value=default)
     features[spec.SEQ_QUERY_TOKENS] = tf.io.RaggedFeature(tf.int64)
     for name in spec.SEQ_COLUMNS:
@@ -75,6 +80,20 @@ def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history:
     def hist(column):
         return tf.gather(column, idx) * valid64
 
+    # The whole earlier history, whatever the window holds: the chunk's earlier events plus
+    # the record's events before the target's first tie.
+    clicks_cum = tf.concat([[0], tf.cumsum(tf.cast(record["label"] > 0, tf.int64))], 0)
+    last = tf.gather(ts, tf.maximum(first_tie - 1, 0))
+    gap = tf.where(first_tie > 0, tf.gather(ts, targets) - last, 0)
+    user_counts = tf.stack(
+        [
+            record["events_before"] + first_tie,
+            record["clicks_before"] + tf.gather(clicks_cum, first_tie),
+            gap,
+        ],
+        axis=1,
+    )
+
     return {
         "target_item": tf.gather(record["item"], targets),
         "target_query": tf.gather(record["query"], targets),
@@ -84,6 +103,7 @@ def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history:
         "hist_query_tokens": tf.gather(tokens, idx) * valid64[:, :, None],
         "hist_label": hist(record["label"]),
         "user": tf.fill(tf.shape(targets), record["user"]),
+        "user_counts": user_counts,
         "label": tf.cast(tf.gather(record["label"], targets), tf.float32),
         "user_id": tf.fill(tf.shape(targets), record["user_id"]),
         "timestamp": tf.gather(ts, targets),

@@ -14,8 +14,8 @@ SEMINAR itself and its baselines are configurations of this one model:
 | ``use_history=False`` | a DNN on the target pair only |
 
 Every configuration also has a user tower (``use_user_features``, default on): a user-id
-embedding and two statistics of the history the model is given (see
-:func:`history_statistics`), concatenated into the MLP input; with a users table in the data
+embedding and statistics of the history window and of the user's whole earlier history
+(``user_counts``; see :func:`history_statistics`), concatenated into the MLP input; with a users table in the data
 (``seminar preprocess --users``) also the user's attributes and vector, looked up by the user
 id in side tables the model holds (``spec.USER_TABLE_ARRAYS``).
 """
@@ -111,19 +111,31 @@ _USER_TABLE_LAYOUT = {
 assert set(_USER_TABLE_LAYOUT) == set(spec.USER_TABLE_ARRAYS)
 
 
-def history_statistics(hist_item, hist_label):
-    """``[B, 2]`` float32: ``log1p`` of the number of real (non-padding) behaviours of each
-    history and their click rate (mean ``hist_label`` over real behaviours; 0 when none).
+def history_statistics(hist_item, hist_label, user_counts=None):
+    """``[B, 5]`` float32 (``spec.HISTORY_STATS``): of the history window, ``log1p`` of the
+    number of real (non-padding) behaviours and their click rate (mean ``hist_label``); of
+    the user's whole earlier history ``user_counts`` (``[B, 3]``: events, clicks, seconds
+    since the latest; ``spec.USER_COUNTS``), ``log1p`` of the events, their click rate and
+    ``log1p`` of the hours since the latest. Rates are 0 where there is nothing to count;
+    without ``user_counts`` the last three are 0.
 
-    Computed from the model's own history inputs, which hold only events strictly earlier
-    than the target (the tf.data reader's window; a serving request's history), so nothing
-    at or after the target can leak, and training and serving compute it alike. With
-    ``history="positive"`` (clicks only) the rate is 1 for any non-empty history."""
+    Both come from events strictly earlier than the target (the window and the counts the
+    tf.data reader cuts; a serving request's history and counts), so nothing at or after the
+    target can leak, and training and serving compute it alike. With ``history="positive"``
+    (clicks only) the window's rate is 1 for any non-empty history, while ``user_counts``
+    still carries the user's overall click rate."""
     real = ops.cast(ops.not_equal(hist_item, 0), "float32")
     clicks = ops.cast(ops.clip(ops.cast(hist_label, "int32"), 0, 1), "float32") * real
     count = ops.sum(real, axis=-1)
     rate = ops.sum(clicks, axis=-1) / ops.maximum(count, 1.0)
-    return ops.stack([ops.log1p(count), rate], axis=-1)
+    if user_counts is None:
+        zeros = ops.zeros_like(count)
+        return ops.stack([ops.log1p(count), rate, zeros, zeros, zeros], axis=-1)
+    counts = ops.maximum(ops.cast(user_counts, "float32"), 0.0)
+    events, user_clicks, seconds = counts[:, 0], counts[:, 1], counts[:, 2]
+    user_rate = ops.minimum(user_clicks, events) / ops.maximum(events, 1.0)
+    hours = ops.log1p(seconds / 3600.0)
+    return ops.stack([ops.log1p(count), rate, ops.log1p(events), user_rate, hours], axis=-1)
 
 
 def _positive_int(name, value):
@@ -182,6 +194,9 @@ class SeminarCTR(keras.Model):
         search_config: keyword arguments of the scorer; default ``{"num_heads": num_heads}``
             for ``"exact"``.
         gsu_score_bias: add the kept GSU scores to the ESU logits (differentiable scorers).
+        gsu_projections: with the score bias, pass each modality through its ``G(j)`` before
+            the GSU scores it (SEMINAR); False scores the pair vectors as they are (the
+            ablation "without G(j)").
         use_history_labels: add a click/no-click embedding of ``hist_label`` to the ESU keys.
         short_term_len: also feed the mean pair vector of the last N behaviours (0 = off).
         hidden_units: MLP layer sizes.
@@ -235,6 +250,7 @@ class SeminarCTR(keras.Model):
         top_k: int = 50,
         search_config: dict | None = None,
         gsu_score_bias: bool = True,
+        gsu_projections: bool = True,
         use_history_labels: bool = True,
         short_term_len: int = 0,
         hidden_units: tuple | list = (256, 128),
@@ -309,6 +325,7 @@ class SeminarCTR(keras.Model):
         self.dropout = float(dropout)
         self.use_history = bool(use_history)
         self.gsu_score_bias = bool(gsu_score_bias)
+        self.gsu_projections = bool(gsu_projections)
         self.use_history_labels = bool(use_history_labels)
         self.freeze_pretrained = bool(freeze_pretrained)
 
@@ -346,11 +363,11 @@ class SeminarCTR(keras.Model):
                 }
             self.gsu = TopKSearch(k=self.top_k, scorer=search, scorer_config=config, name="gsu")
             self._use_gsu_bias = self.gsu_score_bias and self.gsu.differentiable
-            if self._use_gsu_bias:
+            if self._use_gsu_bias and self.gsu_projections:
                 self.gsu_modalities = self.pair_embedding.item_modalities + (
                     (QUERY_MODALITY,) if self.pair_embedding.use_query else ()
                 )
-            else:
+            elif not self._use_gsu_bias:
                 self.gsu.trainable = False  # no gradient reaches it
             for m in self.gsu_modalities:
                 setattr(
@@ -423,7 +440,7 @@ class SeminarCTR(keras.Model):
                 initializer=keras.initializers.RandomUniform(-0.05, 0.05),
                 regularizer=regularizer,
             )  # fmt: skip
-            self.user_stats.build((None, 2))
+            self.user_stats.build((None, spec.HISTORY_STATS.shape[0]))
         if self.use_user_attributes:
             self.user_attribute_embeddings = self.add_weight(
                 name="user_attribute_embeddings", shape=(self.num_user_attributes, d),
@@ -615,21 +632,21 @@ class SeminarCTR(keras.Model):
     # ----------------------------------------------------------------------------- user tower
     @staticmethod
     def history_stats(inputs):
-        """:func:`history_statistics` of ``inputs["hist_item"]`` / ``["hist_label"]``
-        ``[B, 2]``; zeros (an empty history) when the inputs have no history."""
+        """:func:`history_statistics` of ``inputs["hist_item"]`` / ``["hist_label"]`` /
+        ``["user_counts"]`` ``[B, 5]``; zeros for the parts the inputs lack."""
         hist_item = inputs.get("hist_item")
+        counts = inputs.get(spec.USER_COUNTS.name)
         if hist_item is None:
-            batch = ops.shape(inputs["target_item"])[0]
-            return ops.zeros((batch, 2), "float32")
+            hist_item = ops.zeros((ops.shape(inputs["target_item"])[0], 1), "int32")
         hist_label = inputs.get("hist_label")
         if hist_label is None:
             hist_label = ops.zeros_like(hist_item)
-        return history_statistics(hist_item, hist_label)
+        return history_statistics(hist_item, hist_label, counts)
 
     def _user_tower(self, inputs, stats) -> list:
         """``[user vector [B, d], stats vector [B, USER_STATS_UNITS]]``: the embedding of
         ``inputs["user"]`` (a missing input or id 0 -> a zero vector) and ``stats``
-        (``[B, 2]``, :func:`history_statistics`) through the ``user_stats`` Dense; with a
+        (``[B, 5]``, :func:`history_statistics`) through the ``user_stats`` Dense; with a
         users table also the user's attribute vector (the mean embedding of its
         ``user_attributes`` row, ``[B, d]``) and its projected ``user_vectors`` row
         (``[B, d]``), each zero for a user without them (unknown, OOV, or not in the
@@ -715,8 +732,9 @@ class SeminarCTR(keras.Model):
             ``{"indices": [B, K] int32, "kept_mask": [B, K] bool, "scores": [B, K] float32}``
             as :class:`TopKSearch` returns them (index 0 and score 0 where nothing is kept),
             plus ``"short_term": [B, d]`` when ``short_term_len > 0`` and ``"history_stats":
-            [B, 2]`` (:func:`history_statistics` of the searched history, which the ranking
-            cannot see whole) with ``use_user_features`` (``hist_label`` is needed then).
+            [B, 5]`` (:func:`history_statistics` of the searched history, which the ranking
+            cannot see whole, and of the optional ``user_counts``) with
+            ``use_user_features`` (``hist_label`` is needed then).
         """
         self._require_cascade("retrieve")
         emb = self.pair_embedding
@@ -761,7 +779,9 @@ class SeminarCTR(keras.Model):
                 hist_pair = emb.fuse(h_vec, h_mask, weights)
             out["short_term"] = self._short_term(hist_pair, mask)
         if self.use_user_features:
-            out[spec.HISTORY_STATS.name] = history_statistics(hist_item, inputs["hist_label"])
+            out[spec.HISTORY_STATS.name] = history_statistics(
+                hist_item, inputs["hist_label"], inputs.get(spec.USER_COUNTS.name)
+            )
         return out
 
     def _gsu_target(self, t_vec, t_mask, target_pair):
@@ -824,7 +844,7 @@ class SeminarCTR(keras.Model):
             inputs: ``spec.TARGET_FEATURES`` and ``spec.KEPT_FEATURES`` ``[B, K...]`` (a kept
                 item id of 0 is an empty slot), plus ``short_term`` ``[B, d]`` when
                 ``short_term_len > 0``; optionally ``target_attributes`` ``[B, A]``. With
-                ``use_user_features`` also ``history_stats`` ``[B, 2]`` (from
+                ``use_user_features`` also ``history_stats`` ``[B, 5]`` (from
                 :meth:`retrieve`) and ``user`` ``[B]`` (optional: missing = unknown user).
 
         Returns:
@@ -949,6 +969,7 @@ class SeminarCTR(keras.Model):
                     dict(self.search_config) if self.search_config is not None else None
                 ),
                 "gsu_score_bias": self.gsu_score_bias,
+                "gsu_projections": self.gsu_projections,
                 "use_history_labels": self.use_history_labels,
                 "short_term_len": self.short_term_len,
                 "hidden_units": list(self.hidden_units),
