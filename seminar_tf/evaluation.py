@@ -100,8 +100,15 @@ def evaluate_ranking(
     num_negatives: int = 99,
     seed: int = 0,
     max_positives: int | None = None,
+    score_candidates: Callable[[dict, np.ndarray], np.ndarray] | None = None,
 ) -> dict:
-    """The sampled-negatives protocol over the positive targets of ``dataset``."""
+    """The sampled-negatives protocol over the positive targets of ``dataset``.
+
+    ``predict`` scores model inputs row by row; ``score_candidates(features [b rows],
+    items [b, 1 + negatives]) -> [b, 1 + negatives]`` (e.g.
+    ``SeminarCTR.score_candidates``), when given, scores each row's candidates together,
+    so a history is encoded once rather than once per candidate; the numbers are the same.
+    """
     rng = np.random.default_rng(seed)
     first_item = spec.NUM_RESERVED_IDS
     if num_items - first_item < num_negatives + 1:
@@ -123,9 +130,12 @@ def evaluate_ranking(
         cand = cand + (cand >= pos[:, None])  # skip the positive, stay uniform
         items = np.concatenate([pos[:, None], cand], axis=1)  # [b, 1 + negatives]
         n = items.shape[1]
-        tiled = {k: np.repeat(v, n, axis=0) for k, v in feats.items()}
-        tiled["target_item"] = items.reshape(-1)
-        scores = np.asarray(predict(tiled)).reshape(b, n)
+        if score_candidates is not None:
+            scores = np.asarray(score_candidates(feats, items)).reshape(b, n)
+        else:
+            tiled = {k: np.repeat(v, n, axis=0) for k, v in feats.items()}
+            tiled["target_item"] = items.reshape(-1)
+            scores = np.asarray(predict(tiled)).reshape(b, n)
         all_scores.append(scores)
         seen += b
         if max_positives is not None and seen >= max_positives:

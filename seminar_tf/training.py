@@ -332,6 +332,29 @@ def load_model(model_dir: str):
     return keras.saving.load_model(path)
 
 
+def _compiled_score_candidates(model):
+    """``model.score_candidates`` as one compiled function of the backend (a graph under
+    TensorFlow, jit under JAX; eager elsewhere), returning numpy; None for a model without it."""
+    if not hasattr(model, "score_candidates"):
+        return None
+    fn = model.score_candidates
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(fn, reduce_retracing=True)
+    elif backend == "jax":
+        import jax
+
+        fn = jax.jit(fn)
+
+    def score(features, candidates):
+        features = {k: v for k, v in features.items() if k in spec.MODEL_FEATURE_NAMES}
+        return np.asarray(keras.ops.convert_to_numpy(fn(features, candidates)))
+
+    return score
+
+
 def evaluate(
     data_dir: str,
     model_dir: str,
@@ -355,6 +378,7 @@ def evaluate(
     def predict(features):
         return np.asarray(model.predict_on_batch(features)).reshape(-1)
 
+    score_candidates = _compiled_score_candidates(model)
     ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True, trim=True)
     # Each positive is scored with its negatives: keep about 2 x batch_size rows a call.
     rank_batch = max(1, 2 * batch_size // (num_negatives + 1))
@@ -367,7 +391,7 @@ def evaluate(
     report.update(
         evaluation.evaluate_ranking(
             predict, rank_ds, data_spec.num_items, num_negatives, seed=seed,
-            max_positives=max_ranked,
+            max_positives=max_ranked, score_candidates=score_candidates,
         )
     )  # fmt: skip
     log.info("evaluate: ranking in %.1fs", time.time() - t1)

@@ -88,3 +88,37 @@ def test_evaluate_ranking_samples_distinct_negatives_and_ranks_an_oracle_first()
     assert (cand[:, 1:] != cand[:, :1]).all() and (cand >= 2).all() and (cand < 500).all()
     # Negatives that collide with other rows' positives are rare; HR@50 stays near 1.
     assert out["hr@50"] > 0.9
+
+
+def test_ranking_with_score_candidates_gives_the_repeated_rows_numbers():
+    """``seminar evaluate``'s fast path (each history encoded once, its 100 candidates scored
+    together, compiled as evaluate compiles it) reports what scoring repeated rows reports."""
+    import keras
+
+    from seminar_tf import testing, training
+    from seminar_tf.models import build_model
+
+    ds = testing.make_data_spec(num_items=300)
+    model = build_model(
+        ds, {"preset": "seminar", "embedding_dim": 8, "num_heads": 2, "top_k": 4,
+             "hidden_units": [16]}, testing.make_tables(ds),
+    )  # fmt: skip
+    model.build()
+    rng = np.random.default_rng(0)
+    for v in model.trainable_weights:
+        v.assign(keras.ops.convert_to_numpy(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
+    batches = [testing.make_batch(ds, 6, seed=s, min_history=0, padding="mixed") for s in (1, 2)]
+    batches = [(x, np.ones_like(y)) for x, y in batches]
+
+    def predict(x):
+        return np.asarray(model.predict_on_batch(x)).reshape(-1)
+
+    fast = training._compiled_score_candidates(model)
+    slow_report = evaluation.evaluate_ranking(predict, batches, ds.num_items, seed=3)
+    fast_report = evaluation.evaluate_ranking(
+        predict, batches, ds.num_items, seed=3, score_candidates=fast
+    )
+    assert slow_report["ranked_positives"] == fast_report["ranked_positives"] == 12
+    for key, value in slow_report.items():
+        assert fast_report[key] == pytest.approx(value, abs=1e-6), key
+    assert 0 < slow_report["hr@10"] < 1  # the scores rank, not a degenerate tie

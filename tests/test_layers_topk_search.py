@@ -173,3 +173,77 @@ def test_exact_scorer_starts_as_inner_product_search():
     assert not np.allclose(
         ops.convert_to_numpy(random.scorer.attention.query_kernel).reshape(D, D), np.eye(D)
     )
+
+
+def _tied_scores(n, length, seed):
+    """Scores with many exact ties (a few distinct values) and padded rows."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=(n, length)).astype(np.float32)
+    mask = rng.random((n, length)) < 0.8
+    mask[0] = False
+    mask[1, : length - 3] = False  # fewer real behaviours than k
+    return scores, mask
+
+
+@pytest.mark.parametrize("block", [1, 4, 7, 32])
+@pytest.mark.parametrize("length", [50, 203])
+def test_top_k_by_blocks_equals_a_stable_sort(block, length):
+    from seminar_tf.layers import _ops
+
+    k = 5
+    scores, mask = _tied_scores(6, length, seed=block)
+    ranked = np.where(mask, scores, _ops.MASK_VALUE).astype(np.float32)
+    values, indices = _ops.top_k_by_blocks(ops.convert_to_tensor(ranked), k, block)
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(ops.convert_to_numpy(indices), order)
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(values), np.take_along_axis(ranked, order, axis=1)
+    )
+    # The search keeps the same set, in the same order, with blocks as without.
+    search = TopKSearch(k=k, scorer="soft", block_size=block)
+    plain = TopKSearch(k=k, scorer="soft", block_size=0)
+    for a, b in zip(search.select(scores, mask), plain.select(scores, mask)):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    ref_idx, ref_kept, _ = numpy_topk(scores, mask, k)
+    got = search.select(scores, mask)
+    np.testing.assert_array_equal(ops.convert_to_numpy(got[0]), ref_idx)
+    np.testing.assert_array_equal(ops.convert_to_numpy(got[1]), ref_kept)
+
+
+def test_block_size_validation_and_auto_rule():
+    with pytest.raises(ValueError, match="block_size"):
+        TopKSearch(k=3, block_size=-1)
+    search = TopKSearch(k=3, block_size=None)
+    assert search._block(None) == 0  # dynamic length: plain top_k
+    big = TopKSearch.AUTO_BLOCK_MIN_RATIO * 3
+    expected = TopKSearch.AUTO_BLOCK if keras.backend.backend() == "jax" else 0
+    assert search._block(big) == expected and search._block(big - 1) == 0
+    assert TopKSearch(k=3, block_size=0)._block(10**6) == 0
+    assert TopKSearch(k=3, block_size=8)._block(100) == 8
+
+
+BLOCK_SCRIPT = """
+import numpy as np
+from keras import ops
+from seminar_tf.layers import TopKSearch, _ops
+k = 4
+search = TopKSearch(k=k, scorer="soft")
+length = TopKSearch.AUTO_BLOCK_MIN_RATIO * k + 13
+assert search._block(length + k) == TopKSearch.AUTO_BLOCK
+rng = np.random.default_rng(0)
+scores = rng.integers(0, 9, size=(8, length)).astype(np.float32)
+mask = rng.random((8, length)) < 0.5
+idx, kept, top = (ops.convert_to_numpy(t) for t in search.select(scores, mask))
+ranked = np.where(mask, scores, _ops.MASK_VALUE)
+order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+assert np.array_equal(idx, order) and kept.all(), (idx, order)
+print("BLOCKS EXACT")
+"""
+
+
+def test_auto_blocks_under_jax_equal_a_stable_sort(run_script):
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    assert "BLOCKS EXACT" in run_script(BLOCK_SCRIPT, "jax")

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from keras import ops  # noqa: E402
 
-from seminar_tf import testing  # noqa: E402
+from seminar_tf import spec, testing  # noqa: E402
 from seminar_tf.models import PRESETS, PSU, SeminarCTR, build_model, build_psu  # noqa: E402
 
 SPEC = testing.make_data_spec()
@@ -335,6 +335,73 @@ def test_training_step_under_jax(run_script):
     assert "TRAINED jax" in run_script(TRAIN_SCRIPT, "jax")
 
 
+GRADIENT_SCRIPT = """
+import keras, numpy as np
+from seminar_tf import testing
+from seminar_tf.models import build_model
+
+backend = keras.backend.backend()
+ds = testing.make_data_spec()
+tables = testing.make_tables(ds)
+x, y = testing.make_batch(ds, 24, seed=5, min_history=0, padding="mixed")
+
+
+def loss_and_gradients(model):
+    variables = model.trainable_variables
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = keras.losses.binary_crossentropy(y, model(x, training=True))
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        return float(loss), [np.asarray(g) for g in grads]
+    import jax
+
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(values):
+        p, _ = model.stateless_call(values, fixed, x, training=True)
+        return keras.losses.binary_crossentropy(y, p)
+
+    loss, grads = jax.value_and_grad(loss_fn)([v.value for v in variables])
+    return float(loss), [np.asarray(g) for g in grads]
+
+
+configs = [{"search": "exact"}, {"search": "exact", "gsu_projections": False},
+           {"search": "soft"}, {"search": "simhash"}, {"search": "recent", "short_term_len": 0}]
+for config in configs:
+    config = {"embedding_dim": 8, "num_heads": 2, "top_k": 5, "short_term_len": 3,
+              "hidden_units": [16], "dropout": 0.0, **config}
+    cheap, full = (build_model(ds, {**config, "reembed_kept": f}, tables) for f in (True, False))
+    rng = np.random.default_rng(0)
+    # away from the initial values (identity G(j), zero score-bias weight) that hide paths
+    for v in cheap.trainable_variables:
+        v.assign(np.asarray(v.value) + rng.normal(0, 0.1, v.shape).astype("float32"))
+    full.set_weights(cheap.get_weights())
+    (l1, g1), (l2, g2) = loss_and_gradients(cheap), loss_and_gradients(full)
+    assert abs(l1 - l2) < 1e-5, (config, l1, l2)
+    names = [v.path for v in cheap.trainable_variables]
+    for name, a, b in zip(names, g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{config} {name}")
+    moved = {n for n, g in zip(names, g1) if np.abs(g).max() > 0}
+    assert any("item_embeddings" in n for n in moved), moved
+    if cheap._use_gsu_bias:  # the CTR loss reaches the GSU scorer (and G(j)) through the bias
+        assert any("/gsu/" in n for n in moved) == bool(cheap.gsu.trainable_weights), moved
+        assert any("gsu_projection" in n for n in moved) == bool(cheap.gsu_modalities), moved
+print("SAME", backend, len(configs))
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_reembedding_the_kept_gives_the_full_graphs_loss_and_gradients(run_script, backend):
+    """``reembed_kept`` (the default: no gradient through the L-wide search) gives the loss
+    and the gradient of every trainable variable that backpropagating through all L gives,
+    for every searching preset, with and without G(j), on TensorFlow and JAX."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    assert f"SAME {backend} 5" in run_script(GRADIENT_SCRIPT, backend)
+
+
 MIRRORED_SCRIPT = """
 import tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
@@ -392,3 +459,41 @@ def test_every_history_preset_has_the_short_term_branch(preset):
     moved = ops.convert_to_numpy(model.retrieve(changed)["short_term"])
     assert not np.allclose(moved[row], base[row])
     np.testing.assert_allclose(np.delete(moved, row, 0), np.delete(base, row, 0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"preset": "seminar"},
+        {"preset": "seminar", "gsu_projections": False, "reembed_kept": False},
+        {"preset": "sim"},
+        {"preset": "eta"},
+        {"preset": "din"},
+        {"preset": "dnn"},
+        {"preset": "full_attention"},
+    ],
+    ids=lambda c: "-".join(str(v) for v in c.values()),
+)
+def test_score_candidates_equals_the_call_on_repeated_rows(config):
+    """One history against C candidates gives what ``call`` gives on the row repeated once
+    per candidate, for every preset (users table included), with perturbed weights."""
+    ds = testing.make_data_spec(num_user_attributes=5, max_user_attributes=2)
+    tables = testing.make_tables(ds)
+    model = build_model(
+        ds, {"embedding_dim": 8, "num_heads": 2, "top_k": 4, "hidden_units": [16], **config},
+        tables,
+    )  # fmt: skip
+    model.build()
+    rng = np.random.default_rng(3)
+    for v in model.trainable_weights:
+        v.assign(np.asarray(v.value) + rng.normal(0, 0.2, v.shape).astype("float32"))
+    x, _ = testing.make_batch(ds, 6, seed=2, min_history=0, padding="mixed")
+    c = 7
+    candidates = rng.integers(spec.NUM_RESERVED_IDS, ds.num_items, size=(6, c))
+    got = ops.convert_to_numpy(model.score_candidates(x, candidates))
+    tiled = {k: np.repeat(v, c, axis=0) for k, v in x.items()}
+    tiled["target_item"] = candidates.reshape(-1).astype(x["target_item"].dtype)
+    want = ops.convert_to_numpy(model(tiled, training=False)).reshape(6, c)
+    assert got.shape == (6, c)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.ptp(got, axis=1).max() > 1e-4  # the candidates are told apart

@@ -260,3 +260,16 @@ def test_pq_runs_under_jax(run_script):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install 'seminar-tf[jax]')")
     assert "PQ jax" in run_script(JAX_SCRIPT, "jax")
+
+
+def test_pq_scores_many_candidates_as_repeated_rows(exact_model):
+    """The pq scorer (no score_many of its own: the history is repeated per candidate) gives
+    ``score_candidates`` what ``call`` gives on the repeated rows."""
+    x = batch(n=5, seed=7)
+    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=2, num_centroids=4)
+    rng = np.random.default_rng(1)
+    candidates = rng.integers(spec.NUM_RESERVED_IDS, SPEC.num_items, size=(5, 6))
+    got = np_(pq_model.score_candidates(x, candidates))
+    tiled = {k: np.repeat(v, 6, axis=0) for k, v in x.items()}
+    tiled["target_item"] = candidates.reshape(-1).astype(x["target_item"].dtype)
+    np.testing.assert_allclose(got, np_(pq_model(tiled)).reshape(5, 6), rtol=1e-5, atol=1e-6)

@@ -32,6 +32,12 @@ class TopKSearch(keras.layers.Layer):
         k: how many behaviours to keep.
         scorer: registered scorer name.
         scorer_config: keyword arguments of the scorer's constructor.
+        block_size: the exact top-K by blocks (``_ops.top_k_by_blocks``): ``None`` (default)
+            uses blocks of ``AUTO_BLOCK`` where they measured faster: the JAX backend with a
+            static length ``L >= AUTO_BLOCK_MIN_RATIO * k`` (at L = 100,000, K = 100 on the
+            CPU 6.0 ms against 15.4 ms; the TensorFlow CPU kernel never gained); ``0``: one
+            ``top_k`` over all L always; a positive int: blocks of that size whenever ``L`` is
+            static and holds more than ``k`` blocks. The kept set is the same either way.
         **kwargs: ``keras.layers.Layer`` arguments.
 
     Example:
@@ -43,12 +49,25 @@ class TopKSearch(keras.layers.Layer):
     ```
     """
 
+    AUTO_BLOCK = 32
+    AUTO_BLOCK_MIN_RATIO = 200
+
     def __init__(
-        self, k: int = 50, scorer: str = "exact", scorer_config: dict | None = None, **kwargs
+        self,
+        k: int = 50,
+        scorer: str = "exact",
+        scorer_config: dict | None = None,
+        block_size: int | None = None,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        if block_size is not None and (
+            isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0
+        ):
+            raise ValueError(f"`block_size` must be None or an integer >= 0, got {block_size!r}.")
+        self.block_size = block_size
         if scorer_config is not None and not isinstance(scorer_config, dict):
             raise ValueError(f"`scorer_config` must be a dict or None, got {scorer_config!r}.")
         self.k = k
@@ -90,12 +109,51 @@ class TopKSearch(keras.layers.Layer):
         scores = self.score_all(
             target, keys, mask, target_parts, key_parts, key_weights, training=training
         )
+        return self.select(scores, mask)
+
+    def search_many(
+        self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        """``call`` for ``C`` targets per history: ``targets [B, C, d]`` (``target_parts``
+        ``{m: [B, C, d]}``) against ``keys [B, L, d]`` / ``mask [B, L]`` (and the history's
+        parts and weights) -> ``(indices, kept_mask, scores)`` each ``[B, C, k]``, equal
+        to ``call`` on every (target, history) pair, with the history transformed once
+        where the scorer allows (``SearchScorer.score_many``)."""
+        mask = ops.cast(mask, "bool")
+        scores = self.scorer.score_many(
+            targets, keys, mask, target_parts=target_parts, key_parts=key_parts,
+            key_weights=key_weights, training=training,
+        )  # fmt: skip
+        c = ops.shape(targets)[1]
+        flat = ops.reshape(scores, (-1, ops.shape(scores)[-1]))
+        out = self.select(flat, ops.repeat(mask, c, axis=0))
+        return tuple(ops.reshape(x, (-1, c, self.k)) for x in out)
+
+    def _block(self, length) -> int:
+        """Block size for a history of static ``length`` (0: one plain ``top_k``)."""
+        if length is None or self.block_size == 0:
+            return 0
+        if self.block_size is not None:
+            return self.block_size
+        if keras.backend.backend() == "jax" and length >= self.AUTO_BLOCK_MIN_RATIO * self.k:
+            return self.AUTO_BLOCK
+        return 0
+
+    def select(self, scores, mask):
+        """``(indices, kept_mask, kept scores)`` of the ``k`` best of ``scores [B, L]`` where
+        ``mask [B, L]`` is true (see the class docstring)."""
+        mask = ops.cast(mask, "bool")
         scores = ops.cast(scores, "float32")
         # Append k masked columns so top_k always has >= k candidates (handles L < k).
         scores = ops.pad(scores, [[0, 0], [0, self.k]])
         mask_f = ops.pad(ops.cast(mask, "float32"), [[0, 0], [0, self.k]])
         ranked = ops.where(mask_f > 0, scores, _ops.MASK_VALUE)
-        _, indices = ops.top_k(ranked, k=self.k, sorted=True)
+        block = self._block(ranked.shape[1])
+        if block:
+            _, indices = _ops.top_k_by_blocks(ranked, self.k, block)
+        else:
+            _, indices = ops.top_k(ranked, k=self.k, sorted=True)
         kept_mask = ops.take_along_axis(mask_f, indices, axis=1) > 0
         kept_scores = ops.take_along_axis(scores, indices, axis=1)
         indices = ops.where(kept_mask, ops.cast(indices, "int32"), 0)
@@ -109,6 +167,11 @@ class TopKSearch(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update(
-            {"k": self.k, "scorer": self.scorer_name, "scorer_config": dict(self.scorer_config)}
+            {
+                "k": self.k,
+                "scorer": self.scorer_name,
+                "scorer_config": dict(self.scorer_config),
+                "block_size": self.block_size,
+            }
         )
         return config

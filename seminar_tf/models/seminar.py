@@ -197,6 +197,11 @@ class SeminarCTR(keras.Model):
         gsu_projections: with the score bias, pass each modality through its ``G(j)`` before
             the GSU scores it (SEMINAR); False scores the pair vectors as they are (the
             ablation "without G(j)").
+        reembed_kept: with a GSU, score the whole history on values without gradient (the
+            top-K selection has none), then embed the kept K (and the short-term branch's
+            last ``short_term_len``) again with gradient: the same outputs and gradients as
+            backpropagating through all L behaviours (False), for a backward pass that costs
+            K behaviours instead of L.
         use_history_labels: add a click/no-click embedding of ``hist_label`` to the ESU keys.
         short_term_len: also feed the mean pair vector of the last N behaviours (0 = off).
         hidden_units: MLP layer sizes.
@@ -251,6 +256,7 @@ class SeminarCTR(keras.Model):
         search_config: dict | None = None,
         gsu_score_bias: bool = True,
         gsu_projections: bool = True,
+        reembed_kept: bool = True,
         use_history_labels: bool = True,
         short_term_len: int = 0,
         hidden_units: tuple | list = (256, 128),
@@ -326,6 +332,7 @@ class SeminarCTR(keras.Model):
         self.use_history = bool(use_history)
         self.gsu_score_bias = bool(gsu_score_bias)
         self.gsu_projections = bool(gsu_projections)
+        self.reembed_kept = bool(reembed_kept)
         self.use_history_labels = bool(use_history_labels)
         self.freeze_pretrained = bool(freeze_pretrained)
 
@@ -585,7 +592,9 @@ class SeminarCTR(keras.Model):
     def call(self, inputs, training=None):
         t_vec, t_mask, target_pair = self._encode_target(inputs)
         features = [target_pair]
-        if self.use_history:
+        if self.use_history and self.gsu is not None and self.reembed_kept:
+            features += self._search_then_reembed(inputs, t_vec, t_mask, target_pair, training)
+        elif self.use_history:
             emb = self.pair_embedding
             hist_item = inputs["hist_item"]
             mask = ops.not_equal(hist_item, 0)
@@ -628,6 +637,152 @@ class SeminarCTR(keras.Model):
         if self.use_user_features:
             features += self._user_tower(inputs, self.history_stats(inputs))
         return self._mlp_head(features, training=training)
+
+    def _search_then_reembed(self, inputs, t_vec, t_mask, target_pair, training=None) -> list:
+        """``[pooled, target * pooled]`` (plus the short-term vector) as the graph through
+        all L computes them, with a backward pass over K (+ ``short_term_len``) behaviours:
+        the GSU ranks the whole history on values without gradient, the kept K are embedded
+        again with gradient (their GSU scores, the ESU's score bias, recomputed on those
+        K), as :meth:`rank` embeds them at serving."""
+        sg = ops.stop_gradient
+        mask, h_vec, h_mask, h_weights = self._encode_history(inputs)
+        h_vec = {m: sg(v) for m, v in h_vec.items()}
+        h_weights = {m: sg(w) for m, w in h_weights.items()}
+        gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
+            {m: sg(v) for m, v in t_vec.items()}, t_mask, sg(target_pair), h_vec, h_mask,
+            h_weights,
+        )  # fmt: skip
+        indices, kept_mask, _ = self.gsu(
+            sg(gsu_target), sg(gsu_keys), mask, target_parts=t_parts, key_parts=h_parts,
+            key_weights=h_weights, training=training,
+        )  # fmt: skip
+        return self._second_stage(
+            inputs, mask, sg(indices), sg(kept_mask), t_vec, t_mask, target_pair, 1, training
+        )
+
+    def _encode_history(self, inputs) -> tuple:
+        """``(mask [B, L], vectors, masks, fusion weights)`` of the whole history."""
+        emb = self.pair_embedding
+        hist_item = inputs["hist_item"]
+        h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+        return ops.not_equal(hist_item, 0), h_vec, h_mask, emb.fusion_weights(h_mask)
+
+    def _second_stage(
+        self, inputs, mask, indices, kept_mask, t_vec, t_mask, target_pair, per, training=None
+    ) -> list:
+        """The ESU (and short-term) features ``[B * per, ...]`` from the GSU's choice:
+        ``indices`` / ``kept_mask`` ``[B, per * K]`` index the history of ``inputs`` (``[B,
+        L]``) for ``per`` targets each (``t_vec``, ``target_pair``: ``[B * per, ...]``, row
+        ``b * per + j`` the ``j``-th target of history ``b``); the kept behaviours are
+        embedded here, with gradient."""
+        history = dict(inputs)
+        if history.get("hist_label") is None:
+            history["hist_label"] = ops.zeros_like(history["hist_item"])
+        k = self.top_k
+
+        def unfold(x):  # [B, per * K, ...] -> [B * per, K, ...]
+            return x if per == 1 else ops.reshape(x, (-1, k) + tuple(x.shape[2:]))
+
+        k_vec, k_mask, k_weights, kept_pair = self._reembed(history, indices, kept_mask)
+        k_vec, k_mask, k_weights = (
+            {m: unfold(v) for m, v in d.items()} for d in (k_vec, k_mask, k_weights)
+        )
+        kept_pair, kept_mask = unfold(kept_pair), unfold(kept_mask)
+        keys = kept_pair
+        if self.use_history_labels:
+            labels = ops.take_along_axis(ops.cast(history["hist_label"], "int32"), indices, axis=1)
+            labels = ops.clip(unfold(labels), 0, 1) * ops.cast(kept_mask, "int32")
+            keys = keys + ops.take(self.history_label_embeddings, labels, axis=0)
+        bias = None
+        if self._use_gsu_bias:
+            g_target, g_keys, g_t_parts, g_k_parts = self._gsu_inputs(
+                t_vec, t_mask, target_pair, k_vec, k_mask, k_weights, kept_pair
+            )
+            scores = self.gsu.score_all(
+                g_target, g_keys, kept_mask, target_parts=g_t_parts, key_parts=g_k_parts,
+                key_weights=k_weights, training=training,
+            )  # fmt: skip
+            bias = self.gsu_bias_weight * ops.where(kept_mask, ops.cast(scores, "float32"), 0.0)
+        pooled, _ = self.esu(target_pair, keys, kept_mask, score_bias=bias, training=training)
+        out = [pooled, target_pair * pooled]
+        if self.short_term_len:
+            recent, valid = self._last_positions(mask, self.short_term_len)
+            pair = self._reembed(history, recent, valid)[3]
+            short = _ops.masked_mean(pair, valid, axis=1)
+            out.append(short if per == 1 else ops.repeat(short, per, axis=0))
+        return out
+
+    def score_candidates(self, inputs, candidates):
+        """Click probabilities ``[B, C]`` of ``C`` candidate items per row: row ``b``'s
+        history, query and user against each item of ``candidates [B, C]`` (int ids), equal
+        to ``call`` on the row repeated with ``target_item`` set to each candidate, with
+        the history encoded and transformed for the search once per row instead of once
+        per candidate (``TopKSearch.search_many``). The sampled-negatives evaluation and
+        many-candidate ranking use it."""
+        candidates = ops.convert_to_tensor(candidates)
+        c = candidates.shape[1]
+        inputs = {k: ops.convert_to_tensor(v) for k, v in inputs.items()}
+
+        def rep(x):
+            return ops.repeat(x, c, axis=0)
+
+        target = {
+            "target_item": ops.reshape(ops.cast(candidates, inputs["target_item"].dtype), (-1,)),
+            "target_query": rep(inputs["target_query"]),
+            "target_query_tokens": rep(inputs["target_query_tokens"]),
+        }
+        if not self.use_history or self.gsu is None:
+            tiled = {k: rep(v) for k, v in inputs.items()}
+            tiled.update(target)
+            return ops.reshape(self(tiled, training=False), (-1, c))
+        t_vec, t_mask, target_pair = self._encode_target(target)
+        mask, h_vec, h_mask, h_weights = self._encode_history(inputs)
+        gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
+            t_vec, t_mask, target_pair, h_vec, h_mask, h_weights
+        )
+
+        def fold(x):  # [B * C, ...] -> [B, C, ...]
+            return ops.reshape(x, (-1, c) + tuple(x.shape[1:]))
+
+        indices, kept_mask, _ = self.gsu.search_many(
+            fold(gsu_target), gsu_keys, mask, target_parts={m: fold(v) for m, v in t_parts.items()},
+            key_parts=h_parts, key_weights=h_weights,
+        )  # fmt: skip
+        flat = (-1, c * self.top_k)
+        features = [target_pair] + self._second_stage(
+            inputs, mask, ops.reshape(indices, flat), ops.reshape(kept_mask, flat), t_vec,
+            t_mask, target_pair, c,
+        )  # fmt: skip
+        if self.use_user_features:
+            features += [rep(f) for f in self._user_tower(inputs, self.history_stats(inputs))]
+        return ops.reshape(self._mlp_head(features, training=False), (-1, c))
+
+    def _reembed(self, inputs, indices, present) -> tuple:
+        """``(vectors, masks, fusion weights, pair [B, N, d])`` of the history behaviours at
+        ``indices`` ``[B, N]`` (padding where ``present`` is false), with gradient."""
+        emb = self.pair_embedding
+        kept = self.gather_kept(
+            inputs, {"indices": indices, "kept_mask": present, "scores": ops.zeros_like(present)}
+        )
+        vec, masks = emb.encode(kept["kept_item"], kept["kept_query"], kept["kept_query_tokens"])
+        weights = emb.fusion_weights(masks)
+        return vec, masks, weights, emb.fuse(vec, masks, weights)
+
+    @staticmethod
+    def _last_positions(mask, n: int) -> tuple:
+        """``(indices [B, n] int32, present [B, n] bool)``: the positions of the last ``n``
+        real behaviours of each history (wherever the padding sits), as :meth:`_short_term`
+        selects them."""
+        mask_f = ops.cast(mask, "float32")
+        from_end = ops.flip(ops.cumsum(ops.flip(mask_f, axis=1), axis=1), axis=1)
+        chosen = ops.logical_and(ops.cast(mask, "bool"), from_end <= n)
+        position = ops.cast(ops.arange(ops.shape(mask)[1]), "float32")
+        rank = ops.where(chosen, ops.expand_dims(position, 0), -1.0)
+        # n extra columns so top_k has n candidates when L < n
+        rank = ops.pad(rank, [[0, 0], [0, n]], constant_values=-1.0)
+        values, indices = ops.top_k(rank, k=n, sorted=True)
+        present = values >= 0
+        return ops.where(present, ops.cast(indices, "int32"), 0), present
 
     # ----------------------------------------------------------------------------- user tower
     @staticmethod
@@ -970,6 +1125,7 @@ class SeminarCTR(keras.Model):
                 ),
                 "gsu_score_bias": self.gsu_score_bias,
                 "gsu_projections": self.gsu_projections,
+                "reembed_kept": self.reembed_kept,
                 "use_history_labels": self.use_history_labels,
                 "short_term_len": self.short_term_len,
                 "hidden_units": list(self.hidden_units),

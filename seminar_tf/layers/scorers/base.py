@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 _SCORERS: dict[str, type] = {}
 
@@ -71,3 +72,31 @@ class SearchScorer(keras.layers.Layer):
 
     def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         raise NotImplementedError
+
+    def score_many(
+        self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        """Scores ``[B, C, L]`` of ``C`` targets per history: ``targets [B, C, d]`` (and
+        ``target_parts`` ``{m: [B, C, d]}``) against one history ``keys [B, L, d]`` each,
+        equal to ``call`` on each (target, history) row. This default repeats the history
+        per target; a scorer whose keys' cost does not depend on the target overrides it
+        to transform the history once."""
+        shape = ops.shape(targets)
+        b, c = shape[0], shape[1]
+
+        def flat(x):
+            return ops.reshape(x, (-1,) + tuple(x.shape[2:]))
+
+        def rep(x):
+            return ops.repeat(x, c, axis=0)
+
+        kwargs = {"target_parts": None, "key_parts": None}
+        if target_parts is not None:
+            kwargs["target_parts"] = {m: flat(v) for m, v in target_parts.items()}
+        if key_parts is not None:
+            kwargs["key_parts"] = {m: rep(v) for m, v in key_parts.items()}
+        if key_weights is not None:
+            kwargs["key_weights"] = {m: rep(v) for m, v in key_weights.items()}
+        scores = self(flat(targets), rep(keys), rep(mask), training=training, **kwargs)
+        return ops.reshape(scores, (b, c, -1))

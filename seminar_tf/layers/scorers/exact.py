@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -76,6 +78,24 @@ class ExactScorer(SearchScorer):
     def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         scores = self.attention(target, keys, mask)
         return ops.mean(scores, axis=1) if self.reduction == "mean" else ops.sum(scores, axis=1)
+
+    def score_many(
+        self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        # The key projection is the costly part and is the same for every target.
+        attention = self.attention
+        if not attention.built:
+            attention.build(targets.shape[-1:], keys.shape)
+        q = attention._project(
+            targets, attention.query_kernel, getattr(attention, "query_bias", None),
+            "bcd,dhe->bche",
+        )  # fmt: skip
+        k = attention._project(
+            keys, attention.key_kernel, getattr(attention, "key_bias", None), "bld,dhe->blhe"
+        )
+        scores = ops.einsum("bche,blhe->bchl", q, k) / math.sqrt(attention._head_dim)
+        return ops.mean(scores, axis=2) if self.reduction == "mean" else ops.sum(scores, axis=2)
 
     def get_config(self):
         config = super().get_config()

@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from seminar_tf import spec
-from seminar_tf.layers.scorers.base import register_scorer
+from seminar_tf.layers.scorers.base import SearchScorer, register_scorer
 from seminar_tf.layers.scorers.exact import ExactScorer
 
 
@@ -232,6 +232,38 @@ class PQScorer(ExactScorer):
             masks = {m: key_weights[m] > 0 for m in self.modalities if m in key_weights}
             codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
         return self.score_codes(target, codes, self.stack_weights(key_weights))
+
+    def score_many(
+        self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        if training:
+            return super().score_many(targets, keys, mask, target_parts, key_parts, key_weights)
+        if key_weights is None or not key_parts:
+            return SearchScorer.score_many(
+                self, targets, keys, mask, target_parts, key_parts, key_weights, training
+            )
+        # The history is coded once; each target only brings its lookup tables.
+        codes = key_parts.get(spec.PQ_CODES.name)
+        if codes is None:
+            masks = {m: key_weights[m] > 0 for m in self.modalities if m in key_weights}
+            codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
+        c = ops.shape(targets)[1]
+        tables, offset = self.lookup_tables(ops.reshape(targets, (-1, targets.shape[-1])))
+        m, s, k = len(self.modalities), self.num_subvectors, self.num_centroids
+        codes = ops.cast(codes, "int32")
+        shape = ops.shape(codes)  # [B, L, M, S]
+        present = ops.cast(codes >= 0, tables.dtype)
+        offsets = ops.reshape(ops.arange(m * s, dtype="int32") * k, (m, s))
+        flat_index = ops.reshape(ops.maximum(codes, 0) + offsets, (shape[0], 1, -1))
+        tables = ops.reshape(tables, (shape[0], c, m * s * k))
+        gathered = ops.take_along_axis(
+            tables, ops.broadcast_to(flat_index, (shape[0], c, ops.shape(flat_index)[2])), axis=2
+        )
+        gathered = ops.reshape(gathered, (shape[0], c, shape[1], m, s))
+        partial = ops.sum(gathered * ops.expand_dims(present, 1), axis=-1)  # [B, C, L, M]
+        weights = ops.expand_dims(ops.cast(self.stack_weights(key_weights), partial.dtype), 1)
+        return ops.sum(partial * weights, axis=-1) + ops.reshape(offset, (shape[0], c, 1))
 
     def get_config(self):
         config = super().get_config()

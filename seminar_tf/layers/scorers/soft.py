@@ -29,3 +29,9 @@ class SoftScorer(SearchScorer):
 
     def call(self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None):
         return ops.einsum("bd,bld->bl", target, keys)
+
+    def score_many(
+        self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
+        training=None,
+    ):  # fmt: skip
+        return ops.einsum("bcd,bld->bcl", targets, keys)

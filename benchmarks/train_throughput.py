@@ -1,0 +1,229 @@
+"""Training and evaluation speed: each change side by side with the landed graph, one run.
+
+Rows (all on the machine that runs the script; the JSON names it):
+
+- ``synthetic`` train and forward examples/s of SeminarCTR (SEMINAR preset, d=64, 4 heads,
+  top_k 50, 20,000 items, 384-d text and 512-d image vectors, 4 query tokens) on random
+  inputs from ``seminar_tf.testing`` for L in ``--lengths``: ``full graph``
+  (``reembed_kept=False``: the gradient flows through all L behaviours, the landed graph)
+  against ``reembed kept`` (the default: the history is searched without gradient and the
+  kept K embedded again with it), and the no-history DNN preset as the floor. ``model.fit``
+  on numpy arrays; the median of ``--repeats`` timed epochs after one warm-up epoch,
+  variants interleaved so machine noise hits each alike.
+- ``movielens`` (``../shared/data/movielens-small``, or ``SEMINAR_MOVIELENS``): one training
+  epoch of the defaults (``seminar train``'s config, one epoch) with each graph, examples/s
+  and validation AUC; then ``seminar evaluate``'s ranking protocol (each positive against 99
+  sampled items) on the trained model, repeating each row per candidate (before) against
+  ``SeminarCTR.score_candidates`` (the history encoded once per row), with the metrics of
+  both (they must agree).
+
+Usage: python benchmarks/train_throughput.py [--quick] [--lengths 100 1000] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from seminar_tf import spec, testing, training  # noqa: E402
+from seminar_tf.models import build_model  # noqa: E402
+
+MODEL = {"preset": "seminar", "embedding_dim": 64, "num_heads": 4, "top_k": 50}
+VARIANTS = {
+    "full graph": {**MODEL, "reembed_kept": False},
+    "reembed kept": {**MODEL, "reembed_kept": True},
+    "dnn (no history)": {"preset": "dnn", "embedding_dim": 64},
+}
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = getattr(self, "seconds", []) + [time.perf_counter() - self._t]
+
+
+def synthetic_rows(lengths, batch, steps, repeats) -> list:
+    rows = []
+    for length in lengths:
+        ds = testing.make_data_spec(
+            num_items=20_000, num_attributes=500, num_query_tokens=5_000, num_queries=5_000,
+            max_attributes=4, max_query_tokens=4, text_dim=384, image_dim=512,
+            query_text_dim=384, max_len=length, num_users=1_000,
+        )  # fmt: skip
+        tables = testing.make_tables(ds)
+        x, y = testing.make_batch(ds, batch * steps, seed=1, min_history=length, padding="left")
+        models = {}
+        for name, config in VARIANTS.items():
+            keras.utils.set_random_seed(0)
+            model = build_model(ds, config, tables)
+            model.compile(optimizer="adam", loss="binary_crossentropy")
+            model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # compile + warm up
+            model.predict(x, batch_size=batch, verbose=0)
+            models[name] = model
+        train, forward = {n: [] for n in models}, {n: [] for n in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                timer = _EpochTimer()
+                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
+                train[name].append(len(y) / timer.seconds[0])
+                t = time.perf_counter()
+                model.predict(x, batch_size=batch, verbose=0)
+                forward[name].append(len(y) / (time.perf_counter() - t))
+        base = statistics.median(train["full graph"])
+        for name in models:
+            med = statistics.median(train[name])
+            rows.append({
+                "section": "synthetic", "L": length, "batch": batch, "variant": name,
+                "train_ex_per_s": round(med, 1),
+                "train_ex_per_s_runs": [round(v, 1) for v in train[name]],
+                "forward_ex_per_s": round(statistics.median(forward[name]), 1),
+                "speedup_vs_full_graph": round(med / base, 2),
+            })  # fmt: skip
+            print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def movielens_rows(tmp: str, max_ranked: int | None) -> list:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from quality import prepare
+
+    from seminar_tf import evaluation
+    from seminar_tf.data.dataset import make_dataset
+
+    t0 = time.time()
+    data_dir = prepare("movielens", tmp, max_len=1000)
+    print(f"movielens: preprocessed in {time.time() - t0:.0f}s", flush=True)
+    rows, model_dirs = [], {}
+    for name in ("full graph", "reembed kept"):
+        cfg = training.TrainConfig(epochs=1, seed=0, model={"reembed_kept": name != "full graph"})
+        out = os.path.join(tmp, name.replace(" ", "_"))
+        t = time.time()
+        _, history = training.train(data_dir, out, cfg)
+        seconds = time.time() - t
+        rows.append({
+            "section": "movielens train (1 epoch, defaults)", "variant": name,
+            "train_ex_per_s": round(statistics.median(history["examples_per_sec"]), 1),
+            "seconds": round(seconds, 1), "val_auc": round(history["val_auc"][-1], 4),
+        })  # fmt: skip
+        print(_fmt(rows[-1]), flush=True)
+        model_dirs[name] = out
+    base = rows[0]["train_ex_per_s"]
+    for row in rows:
+        row["speedup_vs_full_graph"] = round(row["train_ex_per_s"] / base, 2)
+
+    model_dir = model_dirs["reembed kept"]
+    model = training.load_model(model_dir)
+    with open(os.path.join(model_dir, training.CONFIG_FILE)) as f:
+        tcfg = json.load(f)["train"]
+    data_spec = spec.DataSpec.load(data_dir)
+    fast = training._compiled_score_candidates(model)
+
+    def predict(features):
+        return np.asarray(model.predict_on_batch(features)).reshape(-1)
+
+    ranking = {}
+    for name, kwargs in (("repeat rows", {}), ("score_candidates", {"score_candidates": fast})):
+        rank_ds = make_dataset(
+            data_dir, "test", 10, tcfg["max_len"], tcfg["history"], targets="positive", trim=True
+        )
+        t = time.time()
+        report = evaluation.evaluate_ranking(
+            predict, rank_ds, data_spec.num_items, 99, seed=0, max_positives=max_ranked, **kwargs
+        )
+        ranking[name] = (time.time() - t, report)
+    before = ranking["repeat rows"][0]
+    for name, (seconds, report) in ranking.items():
+        rows.append({
+            "section": "movielens evaluate ranking (99 negatives)", "variant": name,
+            "positives": report["ranked_positives"], "seconds": round(seconds, 1),
+            "speedup_vs_repeat_rows": round(before / seconds, 2),
+            "hr@10": round(report["hr@10"], 4), "ndcg@10": round(report["ndcg@10"], 4),
+        })  # fmt: skip
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(row: dict) -> str:
+    return "  ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_runs"))
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    synth = [r for r in rows if r["section"] == "synthetic"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    lengths = sorted({r["L"] for r in synth})
+    width = 0.8 / max(1, len(VARIANTS))
+    for i, name in enumerate(VARIANTS):
+        values = [next((r["train_ex_per_s"] for r in synth if r["L"] == n and
+                        r["variant"] == name), 0) for n in lengths]  # fmt: skip
+        axes[0].bar(np.arange(len(lengths)) + i * width, values, width, label=name)
+    axes[0].set_xticks(np.arange(len(lengths)) + width, [f"L={n}" for n in lengths])
+    axes[0].set_ylabel("train examples / s")
+    axes[0].set_title("synthetic inputs (median)")
+    axes[0].legend()
+    other = [r for r in rows if r["section"] != "synthetic"]
+    labels = [f"{r['section'].split(' (')[0]}\n{r['variant']}" for r in other]
+    axes[1].barh(labels, [r["seconds"] for r in other])
+    axes[1].set_xlabel("seconds")
+    axes[1].set_title("MovieLens")
+    fig.suptitle(f"{platform.node()} ({keras.backend.backend()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8, help="batches per timed epoch")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-movielens", action="store_true")
+    parser.add_argument("--max-ranked", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.steps, args.repeats, args.batch = [50], 2, 1, 32
+        args.skip_movielens = True
+    rows = synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
+    if not args.skip_movielens:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += movielens_rows(tmp, args.max_ranked)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {
+        "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or ''}",
+        "backend": keras.backend.backend(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+    name = "train_throughput" + ("_quick" if args.quick else "")
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, name + ".txt"), "w") as f:
+        f.write(json.dumps(meta) + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
+    plot(rows, os.path.join(args.out, name + ".png"))
+    print(f"wrote {args.out}/{name}.json .txt .png")
+
+
+if __name__ == "__main__":
+    main()
