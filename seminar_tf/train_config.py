@@ -22,7 +22,8 @@ import os
 
 from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 
-DISTRIBUTE = ("none", "mirrored")
+DISTRIBUTE = ("none", "data", "mirrored")
+LR_SCALING = ("sqrt", "linear", "none")
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,11 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the split
     validation_steps: int | None = None
     shuffle_buffer: int = 20_000
-    distribute: str = "none"  # "none" or "mirrored" (TensorFlow backend)
+    # "data": one replica per local device through the backend's engine (see
+    # seminar_tf.distribute); batch_size is then per device and the learning rate is scaled
+    # by lr_scaling for the global batch. "mirrored": the TensorFlow-only spelling of "data".
+    distribute: str = "none"
+    lr_scaling: str = "sqrt"
     bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
     # With --pretrained, also copy the PSU's attention to the GSU scorer. Off by default: the
     # pretrained pair embedding alone validated better on MovieLens (SEMINAR, history "all",
@@ -136,7 +141,9 @@ class TrainConfig:
         if not _is_real(wd) or not math.isfinite(wd) or wd < 0:
             raise ConfigError(f"weight_decay must be a number >= 0, got {wd!r}")
         self.weight_decay = float(wd)
-        for name, allowed in (("history", HISTORY_MODES), ("distribute", DISTRIBUTE)):
+        for name, allowed in (
+            ("history", HISTORY_MODES), ("distribute", DISTRIBUTE), ("lr_scaling", LR_SCALING)
+        ):  # fmt: skip
             value = getattr(self, name)
             if value not in allowed:
                 hint = closest(value, allowed) if isinstance(value, str) else ""

@@ -25,7 +25,8 @@ import time
 import keras
 import numpy as np
 
-from seminar_tf import spec
+from seminar_tf import distribute, spec
+from seminar_tf.losses import click_crossentropy
 from seminar_tf.train_config import TrainConfig, check_model_config
 
 log = logging.getLogger("seminar.train")
@@ -78,17 +79,17 @@ def load_tables(data_dir: str) -> dict:
         return {k: t[k] for k in t.files}
 
 
-def _datasets(data_dir, cfg: TrainConfig, positives: bool):
+def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool = False):
     from seminar_tf.data.dataset import make_dataset
 
     targets = "positive" if positives else "all"
     train = make_dataset(
         data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, targets,
         shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
-        bucket_by_length=cfg.bucket_by_length,
+        bucket_by_length=cfg.bucket_by_length, drop_remainder=drop_remainder,
     )  # fmt: skip
     valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, targets,
-                         repeat=True, trim=True)  # fmt: skip
+                         repeat=True, trim=True, drop_remainder=drop_remainder)  # fmt: skip
     n_train = _split_count(data_dir, "train", positives)
     n_valid = _split_count(data_dir, "valid", positives)
     if n_train == 0:
@@ -100,18 +101,6 @@ def _datasets(data_dir, cfg: TrainConfig, positives: bool):
     steps = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
     vsteps = cfg.validation_steps or max(1, math.ceil(n_valid / cfg.batch_size))
     return train, (valid if n_valid else None), steps, vsteps
-
-
-def _strategy_scope(cfg: TrainConfig):
-    import contextlib
-
-    if cfg.distribute == "mirrored":
-        if keras.backend.backend() != "tensorflow":
-            raise ValueError("distribute='mirrored' needs KERAS_BACKEND=tensorflow")
-        import tensorflow as tf
-
-        return tf.distribute.MirroredStrategy().scope()
-    return contextlib.nullcontext()
 
 
 def _optimizer(cfg: TrainConfig):
@@ -166,23 +155,32 @@ def pretrain(data_dir: str, out_dir: str, cfg: TrainConfig, callbacks: list | No
     # The PSU's tasks model the click sequence (its attention ignores hist_label), so it
     # pretrains on click histories whatever window the CTR model will use.
     cfg = dataclasses.replace(cfg, history="positive")
-    train, valid, steps, vsteps = _datasets(data_dir, cfg, positives=True)
-    with _strategy_scope(cfg):
+    plan = distribute.plan(cfg)
+    run = _per_run(cfg, plan)
+    train, valid, steps, vsteps = _datasets(data_dir, run, True, plan.replicas > 1)
+    with plan.scope():
         psu = build_psu(data_spec, cfg.model, tables=load_tables(data_dir))
-        psu.compile(optimizer=_optimizer(cfg))
-    log.info("pretrain: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
-    hist = psu.fit(
-        train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
-        validation_steps=vsteps if valid is not None else None,
-        # The PSU keeps its best validation loss: on MovieLens its next-pair loss keeps
-        # falling on train while rising on the later validation period.
-        callbacks=_callbacks(out_dir, cfg, "val_loss" if valid is not None else None, "min")
-        + list(callbacks or []),
-        verbose=_progress_verbose(),
-    )  # fmt: skip
-    psu.save(os.path.join(out_dir, MODEL_FILE))
-    _save_run(out_dir, cfg, data_dir, "psu", hist.history)
+        psu.compile(optimizer=_optimizer(run))
+        log.info("pretrain: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs,
+                 run.batch_size)  # fmt: skip
+        hist = psu.fit(
+            train, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
+            validation_steps=vsteps if valid is not None else None,
+            # The PSU keeps its best validation loss: on MovieLens its next-pair loss keeps
+            # falling on train while rising on the later validation period.
+            callbacks=_callbacks(out_dir, run, "val_loss" if valid is not None else None, "min")
+            + list(callbacks or []),
+            verbose=_progress_verbose(),
+        )  # fmt: skip
+        psu.save(os.path.join(out_dir, MODEL_FILE))
+    _save_run(out_dir, cfg, data_dir, "psu", hist.history, {"distribution": plan.describe()})
     return psu, hist.history
+
+
+def _per_run(cfg: TrainConfig, plan) -> TrainConfig:
+    """``cfg`` with the global batch and the scaled learning rate of ``plan``: what the
+    datasets, the optimizer and the throughput see (the saved config keeps ``cfg``)."""
+    return dataclasses.replace(cfg, batch_size=plan.global_batch, learning_rate=plan.learning_rate)
 
 
 def train(
@@ -200,9 +198,11 @@ def train(
     os.makedirs(out_dir, exist_ok=True)
     keras.utils.set_random_seed(cfg.seed)
     data_spec = spec.DataSpec.load(data_dir)
-    train_ds, valid, steps, vsteps = _datasets(data_dir, cfg, positives=False)
+    plan = distribute.plan(cfg)
+    run = _per_run(cfg, plan)
+    train_ds, valid, steps, vsteps = _datasets(data_dir, run, False, plan.replicas > 1)
     restored = []
-    with _strategy_scope(cfg):
+    with plan.scope():
         model = build_model(data_spec, cfg.model, tables=load_tables(data_dir))
         model.build()
         if pretrained:
@@ -210,36 +210,37 @@ def train(
             restored = model.restore_pretrained(psu, include_attention=cfg.restore_attention)
             log.info("train: restored %d pretrained variables from %s", len(restored), pretrained)
         model.compile(
-            optimizer=_optimizer(cfg),
-            loss="binary_crossentropy",
+            optimizer=_optimizer(run),
+            loss=click_crossentropy,
             metrics=[
                 keras.metrics.AUC(name="auc"),
                 keras.metrics.BinaryCrossentropy(name="logloss"),
             ],
         )
-    extra_callbacks = list(callbacks or [])
-    fit_codes = None
-    if getattr(model, "search", None) == "pq":
-        from seminar_tf.quantization import FitCodebooks
+        extra_callbacks = list(callbacks or [])
+        fit_codes = None
+        if getattr(model, "search", None) == "pq":
+            from seminar_tf.quantization import FitCodebooks
 
-        # The weights train with exact GSU scores; the codebooks follow them before each
-        # validation, so early stopping sees the quantized first stage.
-        fit_codes = FitCodebooks(_codebook_sample(data_dir, cfg))
-        extra_callbacks.append(fit_codes)
-    log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs, cfg.batch_size)
-    hist = model.fit(
-        train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
-        validation_steps=vsteps if valid is not None else None,
-        callbacks=_callbacks(out_dir, cfg, monitor="val_auc" if valid is not None else None)
-        + extra_callbacks,
-        verbose=_progress_verbose(),
-    )  # fmt: skip
-    model.save(os.path.join(out_dir, MODEL_FILE))
+            # The weights train with exact GSU scores; the codebooks follow them before each
+            # validation, so early stopping sees the quantized first stage.
+            fit_codes = FitCodebooks(_codebook_sample(data_dir, cfg))
+            extra_callbacks.append(fit_codes)
+        log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs,
+                 run.batch_size)  # fmt: skip
+        hist = model.fit(
+            train_ds, epochs=cfg.epochs, steps_per_epoch=steps, validation_data=valid,
+            validation_steps=vsteps if valid is not None else None,
+            callbacks=_callbacks(out_dir, run, monitor="val_auc" if valid is not None else None)
+            + extra_callbacks,
+            verbose=_progress_verbose(),
+        )  # fmt: skip
+        model.save(os.path.join(out_dir, MODEL_FILE))
     if fit_codes is not None:
         _write_json(os.path.join(out_dir, QUANTIZATION_FILE), {"codebooks": fit_codes.report})
     _save_run(out_dir, cfg, data_dir, "ctr", hist.history,
               {"pretrained": os.path.abspath(pretrained) if pretrained else None,
-               "restored_variables": restored})  # fmt: skip
+               "restored_variables": restored, "distribution": plan.describe()})  # fmt: skip
     return model, hist.history
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -191,3 +192,77 @@ def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, 
     assert main(["quantize", "--data", data_dir, "--model", str(tmp_path / "none"),
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "no model.keras" in capsys.readouterr().err
+
+
+DATA_PARALLEL_SCRIPT = """
+import json, os, sys
+backend = os.environ["KERAS_BACKEND"]
+if backend == "jax":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+else:
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from seminar_tf import distribute, testing, training
+from seminar_tf.losses import click_crossentropy
+from seminar_tf.models import build_model
+
+# One data-parallel step equals one single-device step on the same global batch.
+ds = testing.make_data_spec()
+tables = testing.make_tables(ds)
+x, y = testing.make_batch(ds, 8, seed=4, min_history=1, padding="mixed")
+config = {"embedding_dim": 8, "num_heads": 2, "top_k": 4, "hidden_units": [16], "dropout": 0.0}
+cfg = training.TrainConfig(distribute="data", batch_size=4, learning_rate=0.05, lr_scaling="none")
+plan = distribute.plan(cfg)
+assert plan.replicas == 2 and plan.global_batch == 8, plan
+single = build_model(ds, config, tables)
+single.build()
+start = single.get_weights()
+single.compile(optimizer=keras.optimizers.SGD(0.05), loss=click_crossentropy)
+single.train_on_batch(x, y)
+with plan.scope():
+    spread = build_model(ds, config, tables)
+    spread.build()
+    spread.set_weights(start)
+    spread.compile(optimizer=keras.optimizers.SGD(0.05), loss=click_crossentropy)
+    spread.train_on_batch(x, y)
+if backend == "jax":
+    assert len(spread.trainable_variables[0].value.sharding.device_set) == 2
+moved = 0
+for a, b, w0 in zip(single.get_weights(), spread.get_weights(), start):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    moved += not np.allclose(a, w0)
+assert moved > 5, moved
+
+# seminar train --distribute data: per-device batch, scaled rate, a model that loads anywhere.
+out = sys.argv[1] + "/dp_" + backend
+cfg = training.TrainConfig(
+    epochs=1, batch_size=8, steps_per_epoch=3, validation_steps=2, distribute="data",
+    model={**config, "preset": "seminar"},
+)
+model, history = training.train(sys.argv[2], out, cfg)
+run = json.load(open(out + "/config.json"))
+dist = run["distribution"]
+assert dist["replicas"] == 2 and dist["global_batch"] == 16, dist
+assert abs(dist["learning_rate"] - 1e-3 * 2 ** 0.5) < 1e-12, dist
+assert run["train"]["batch_size"] == 8
+assert np.isfinite(history["val_auc"]).all(), history
+loaded = training.load_model(out)
+p = np.asarray(loaded.predict(x, verbose=0))
+assert p.shape == (8,) and np.isfinite(p).all()
+print("DATA PARALLEL", backend, plan.engine)
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_data_parallel_over_two_virtual_devices(run_script, data_dir, tmp_path, backend):
+    """``distribute="data"`` on two CPU devices (keras.distribution under JAX,
+    tf.distribute under TensorFlow): a step equals the single-device step on the same
+    global batch, and ``training.train`` runs with the per-device batch and the scaled
+    learning rate, saving a model that loads on one device."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    script = DATA_PARALLEL_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path)))
+    script = script.replace("sys.argv[2]", repr(data_dir))
+    assert f"DATA PARALLEL {backend}" in run_script(script, backend, timeout=400)

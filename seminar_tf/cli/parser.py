@@ -46,7 +46,10 @@ def _add_train_args(p, with_pretrained: bool) -> None:
         "--learning-rate", type=positive_float, help="Adam learning rate (default: 0.001)"
     )
     p.add_argument(
-        "--distribute", choices=("none", "mirrored"), help="tf.distribute strategy (default: none)"
+        "--distribute",
+        choices=("none", "data", "mirrored"),
+        help="data: one replica per local device (keras.distribution under JAX, "
+        "tf.distribute under TensorFlow), --batch-size per device (default: none)",
     )
     if with_pretrained:
         p.add_argument("--pretrained", help="a `seminar pretrain` model directory")

@@ -88,11 +88,13 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         embeddings_initializer: initializer of the id, attribute and token embeddings.
         embeddings_regularizer: optional regularizer of those embeddings.
         tables: optional ``{name: array}`` of table values (not part of ``get_config``).
-        project_tables_first: project a whole vector table and then gather rows (True), or
-            gather rows and project them (False). Both give the same vectors; the first costs
-            ``rows x dim x d`` per call, the second ``lookups x dim x d``, so it wins for the
-            catalogs of a few hundred thousand items that a batch of long histories touches
-            many times over. None (default) picks it for tables of <= 262,144 rows.
+        project_tables_first: compute per-item vectors once per catalog row and then gather
+            (True): project a whole vector table, and average each item's attribute
+            embeddings; or gather per lookup and compute there (False). Both give the same
+            vectors; the first costs ``rows x (dim x d + A x d)`` per call, the second
+            ``lookups x (dim x d + A x d)``, so it wins for the catalogs of a few hundred
+            thousand items that a batch of long histories touches many times over. None
+            (default) picks it for tables of <= 262,144 rows.
         request_num_attributes, request_max_attributes: for serving copies whose
             ``attribute_embeddings`` hold precomputed per-item vectors
             (``SeminarCTR.serving_model``): the vocabulary size and the per-item count ``A``
@@ -321,12 +323,15 @@ class MultiModalPairEmbedding(keras.layers.Layer):
     def _take(self, table, ids):
         return ops.take(table, ids, axis=0)
 
+    def _per_row(self, table) -> bool:
+        """Whether to compute a per-item quantity once per row of ``table`` and gather it
+        (``project_tables_first``; None: for tables of <= 262,144 rows)."""
+        first = self.project_tables_first
+        return table.shape[0] <= _PROJECT_FIRST_MAX_ROWS if first is None else first
+
     def _project_take(self, projection, table_name, ids):
         table = self._tables[table_name]
-        first = self.project_tables_first
-        if first is None:
-            first = table.shape[0] <= _PROJECT_FIRST_MAX_ROWS
-        if first:
+        if self._per_row(table):
             return self._take(projection(table), ids)
         return projection(self._take(table, ids))
 
@@ -347,10 +352,21 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         used ids are not all padding (it does not look at ``item_ids`` being padding).
         """
         ids = ops.cast(item_ids, "int32")
-        table_ids = self._take(self._tables["item_attributes"], ids)
-        table_mask = ops.not_equal(table_ids, 0)
-        vectors = _ops.masked_mean(self._take(self.attribute_embeddings, table_ids), table_mask, -1)
-        present = ops.any(table_mask, axis=-1)
+        rows = self._tables["item_attributes"]
+        if self._per_row(rows):
+            # Once per catalog row, then gathered: a batch of long histories names each item
+            # many times, and [..., A, d] per behaviour is most of the encoding's memory.
+            row_mask = ops.not_equal(rows, 0)
+            per_row = _ops.masked_mean(self._take(self.attribute_embeddings, rows), row_mask, -1)
+            vectors = self._take(per_row, ids)
+            present = self._take(ops.any(row_mask, axis=-1), ids)
+        else:
+            table_ids = self._take(rows, ids)
+            table_mask = ops.not_equal(table_ids, 0)
+            vectors = _ops.masked_mean(
+                self._take(self.attribute_embeddings, table_ids), table_mask, -1
+            )
+            present = ops.any(table_mask, axis=-1)
         if attribute_ids is None:
             return vectors, present
         given_ids = ops.cast(attribute_ids, "int32")

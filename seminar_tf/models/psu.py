@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from seminar_tf import spec
+from seminar_tf.distribute import replica_loss_scale
 from seminar_tf.layers.pair_embedding import QUERY_MODALITY, MultiModalPairEmbedding
 from seminar_tf.layers.target_attention import MultiHeadTargetAttention
 from seminar_tf.losses import (
@@ -247,6 +248,8 @@ class PSU(keras.Model):
         )
         if self.losses:
             total = total + ops.sum(ops.stack([ops.cast(v, "float32") for v in self.losses]))
+        # Under tf.distribute each replica's gradient is summed: its loss counts 1 / N.
+        total = total * replica_loss_scale()
         self.align_tracker.update_state(losses["align_loss"])
         self.next_tracker.update_state(losses["next_loss"])
         self.relevance_tracker.update_state(losses["relevance_loss"])
