@@ -24,6 +24,7 @@ from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 
 DISTRIBUTE = ("none", "data", "mirrored")
 LR_SCALING = ("sqrt", "linear", "none")
+READERS = ("auto", "tf.data", "numpy")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,9 @@ class TrainConfig:
     distribute: str = "none"
     lr_scaling: str = "sqrt"
     bucket_by_length: bool = True  # batches of similar history length, trimmed (see dataset)
+    # Input pipeline: "tf.data", "numpy" (seminar_tf.data.numpy_reader: no TensorFlow needed,
+    # the same windows) or "auto" (tf.data where TensorFlow imports, else numpy).
+    reader: str = "auto"
     # With --pretrained, also copy the PSU's attention to the GSU scorer. Off by default: the
     # pretrained pair embedding alone validated better on MovieLens (SEMINAR, history "all",
     # 3 seeds, H200: validation AUC 0.7525 +-0.005 against 0.7494 +-0.001 with the attention
@@ -142,7 +146,8 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be a number >= 0, got {wd!r}")
         self.weight_decay = float(wd)
         for name, allowed in (
-            ("history", HISTORY_MODES), ("distribute", DISTRIBUTE), ("lr_scaling", LR_SCALING)
+            ("history", HISTORY_MODES), ("distribute", DISTRIBUTE), ("lr_scaling", LR_SCALING),
+            ("reader", READERS),
         ):  # fmt: skip
             value = getattr(self, name)
             if value not in allowed:

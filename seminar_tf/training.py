@@ -79,17 +79,50 @@ def load_tables(data_dir: str) -> dict:
         return {k: t[k] for k in t.files}
 
 
-def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool = False):
+def reader_of(cfg: TrainConfig) -> str:
+    """The input pipeline a run uses: ``cfg.reader``, or for ``"auto"`` tf.data where
+    TensorFlow imports and the numpy reader (``seminar_tf.data.numpy_reader``) where not."""
+    if cfg.reader != "auto":
+        return cfg.reader
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return "numpy"
+    return "tf.data"
+
+
+def windows(data_dir: str, split: str, cfg: TrainConfig, reader: str, records=None, **kwargs):
+    """Batches of ``(features, label)`` of ``split`` through ``reader``: a ``tf.data.Dataset``
+    (``dataset.make_dataset``) or a ``numpy_reader.WindowDataset``, the same windows either
+    way. ``kwargs``: ``make_dataset``'s options (``repeat`` and ``shuffle_buffer`` only
+    matter to tf.data: a WindowDataset runs epoch after epoch and shuffles whole epochs)."""
+    if reader == "numpy":
+        from seminar_tf.data.numpy_reader import WindowDataset
+
+        kwargs.pop("repeat", None)
+        kwargs.pop("shuffle_buffer", None)
+        return WindowDataset(data_dir, split, cfg.batch_size, cfg.max_len, cfg.history,
+                             records=records, **kwargs)  # fmt: skip
     from seminar_tf.data.dataset import make_dataset
 
+    return make_dataset(data_dir, split, cfg.batch_size, cfg.max_len, cfg.history, **kwargs)
+
+
+def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool = False):
     targets = "positive" if positives else "all"
-    train = make_dataset(
-        data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, targets,
-        shuffle=True, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
+    reader = reader_of(cfg)
+    records = None
+    if reader == "numpy":
+        from seminar_tf.data.numpy_reader import load_records
+
+        records = load_records(data_dir)
+    train = windows(
+        data_dir, "train", cfg, reader, records, targets=targets, shuffle=True,
+        shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
         bucket_by_length=cfg.bucket_by_length, drop_remainder=drop_remainder,
     )  # fmt: skip
-    valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, targets,
-                         repeat=True, trim=True, drop_remainder=drop_remainder)  # fmt: skip
+    valid = windows(data_dir, "valid", cfg, reader, records, targets=targets, repeat=True,
+                    trim=True, drop_remainder=drop_remainder)  # fmt: skip
     n_train = _split_count(data_dir, "train", positives)
     n_valid = _split_count(data_dir, "valid", positives)
     if n_train == 0:
@@ -98,6 +131,9 @@ def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool 
             f"(see {os.path.join(data_dir, spec.STATS_FILE)} and the dead letters in "
             f"{os.path.join(data_dir, spec.REJECTED_DIR)}/)"
         )
+    if reader == "numpy":  # a PyDataset knows its epoch
+        log.info("input: numpy reader (%d records, no TensorFlow)", len(records))
+        return train, (valid if len(valid) else None), cfg.steps_per_epoch, cfg.validation_steps
     steps = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
     vsteps = cfg.validation_steps or max(1, math.ceil(n_valid / cfg.batch_size))
     return train, (valid if n_valid else None), steps, vsteps
@@ -251,9 +287,9 @@ def _write_json(path: str, data: dict) -> None:
 
 def _codebook_sample(data_dir: str, cfg: TrainConfig, batches: int = 40):
     """A fixed sample of training histories (features only) to fit codebooks on."""
-    from seminar_tf.data.dataset import make_dataset
-
-    ds = make_dataset(data_dir, "train", cfg.batch_size, cfg.max_len, cfg.history, trim=True)
+    ds = windows(data_dir, "train", cfg, reader_of(cfg), trim=True)
+    if isinstance(ds, keras.utils.PyDataset):
+        return [ds[i][0] for i in range(min(batches, len(ds)))]
     return ds.take(batches).map(lambda features, label: features)
 
 
@@ -277,7 +313,6 @@ def quantize(
     (``seminar_tf.quantization.gsu_recall``) for each k of ``recall_ks`` (default 10 and the
     model's ``top_k``). Returns that report.
     """
-    from seminar_tf.data.dataset import make_dataset
     from seminar_tf.quantization import gsu_recall, quantize_model
 
     model = load_model(model_dir)
@@ -295,8 +330,8 @@ def quantize(
         model, _codebook_sample(data_dir, cfg), num_subvectors, num_centroids, max_vectors, seed
     )
     t1 = time.time()
-    valid = make_dataset(data_dir, "valid", cfg.batch_size, cfg.max_len, cfg.history, trim=True)
-    recall = gsu_recall(model, pq_model, valid.map(lambda f, y: f), recall_ks, recall_batches)
+    valid = windows(data_dir, "valid", cfg, reader_of(cfg), trim=True)
+    recall = gsu_recall(model, pq_model, (f for f, _ in valid), recall_ks, recall_batches)
     log.info(
         "quantize: codebooks in %.1fs; GSU recall vs exact on %d validation examples: %s",
         t1 - t0, recall["examples"],
@@ -367,7 +402,6 @@ def evaluate(
 ) -> dict:
     """The report of ``seminar evaluate``: CTR metrics and sampled-negatives ranking."""
     from seminar_tf import evaluation
-    from seminar_tf.data.dataset import make_dataset
 
     model = load_model(model_dir)
     with open(os.path.join(model_dir, CONFIG_FILE)) as f:
@@ -380,11 +414,17 @@ def evaluate(
         return np.asarray(model.predict_on_batch(features)).reshape(-1)
 
     score_candidates = _compiled_score_candidates(model)
-    ds = make_dataset(data_dir, split, batch_size, max_len, history, include_meta=True, trim=True)
+    cfg = TrainConfig(batch_size=batch_size, max_len=max_len, history=history)
+    reader = reader_of(cfg)
+    records = None
+    if reader == "numpy":
+        from seminar_tf.data.numpy_reader import load_records
+
+        records = load_records(data_dir)
+    ds = windows(data_dir, split, cfg, reader, records, include_meta=True, trim=True)
     # Each positive is scored with its negatives: keep about 2 x batch_size rows a call.
-    rank_batch = max(1, 2 * batch_size // (num_negatives + 1))
-    rank_ds = make_dataset(data_dir, split, rank_batch, max_len, history, targets="positive",
-                           trim=True)  # fmt: skip
+    rank_cfg = dataclasses.replace(cfg, batch_size=max(1, 2 * batch_size // (num_negatives + 1)))
+    rank_ds = windows(data_dir, split, rank_cfg, reader, records, targets="positive", trim=True)
     t0 = time.time()
     report = evaluation.evaluate_ctr(predict, ds)
     log.info("evaluate: CTR metrics on %d examples in %.1fs", report["examples"], time.time() - t0)

@@ -303,3 +303,95 @@ def test_trim_and_buckets_keep_every_example_and_its_window(small_run):
     full = rows()
     assert rows(trim=True) == full
     assert rows(bucket_by_length=True) == full
+
+
+# ------------------------------------------------------------------ the reader without TensorFlow
+def _canonical(rows):
+    """Examples as sortable tuples of every feature (an order-free comparison)."""
+    out = []
+    for row in rows:
+        out.append(tuple(
+            (k, np.asarray(v).tobytes() if not isinstance(v, bytes) else v)
+            for k, v in sorted(row.items())
+        ))  # fmt: skip
+    return sorted(out)
+
+
+def test_numpy_parser_reads_every_record_as_tensorflow_does(small_run):
+    import tensorflow as tf
+
+    from seminar_tf.data import numpy_reader
+    from seminar_tf.data.dataset import parse_spec
+
+    out, _, _ = small_run
+    files = numpy_reader.example_files(out)
+    count = 0
+    for path in files:
+        for serialized in numpy_reader.read_tfrecords(path):
+            ours = numpy_reader.parse_record(serialized, path)
+            theirs = tf.io.parse_single_example(serialized, parse_spec())
+            assert set(ours) == set(theirs)
+            for name, value in theirs.items():
+                np.testing.assert_array_equal(np.asarray(ours[name]), value.numpy(), name)
+            count += 1
+    tf_count = sum(1 for _ in tf.data.TFRecordDataset(files))
+    assert count == tf_count > 0
+
+
+@pytest.mark.parametrize("history", ["all", "positive"])
+@pytest.mark.parametrize("targets", ["all", "positive"])
+def test_numpy_windows_equal_the_tf_data_windows(small_run, history, targets):
+    from seminar_tf.data.dataset import make_dataset
+    from seminar_tf.data.numpy_reader import WindowDataset
+
+    out, _, _ = small_run
+    for split in spec.SPLIT_NAMES:
+        ours = WindowDataset(out, split, batch_size=7, history=history, targets=targets,
+                             include_meta=True)  # fmt: skip
+        rows = []
+        for i in range(len(ours)):
+            feats, label = ours[i]
+            assert feats["hist_item"].shape == (len(label), 8)
+            rows += [{k: v[b] for k, v in feats.items()} | {"label": float(label[b])}
+                     for b in range(len(label))]  # fmt: skip
+        ds = make_dataset(out, split, 64, history=history, targets=targets, include_meta=True)
+        theirs = []
+        for feats, label in ds:
+            f = {k: v.numpy() for k, v in feats.items()}
+            theirs += [{k: v[b] for k, v in f.items()} | {"label": float(label[b])}
+                       for b in range(len(label))]  # fmt: skip
+        assert len(rows) == len(theirs) == ours.num_targets
+        for a, b in zip(rows[:1], theirs[:1]):
+            assert {k: np.asarray(v).dtype for k, v in a.items() if k != "user_id"} == {
+                k: np.asarray(v).dtype for k, v in b.items() if k != "user_id"
+            }
+        assert _canonical(rows) == _canonical(theirs), split
+
+
+def test_numpy_batches_bucket_trim_shuffle_and_keep_every_example(small_run):
+    from seminar_tf.data.numpy_reader import WindowDataset
+
+    out, _, _ = small_run
+    plain = WindowDataset(out, "train", batch_size=5)
+    every = []
+    for i in range(len(plain)):
+        every += [tuple(r) for r in plain[i][0]["hist_item"]]
+    ds = WindowDataset(out, "train", batch_size=5, bucket_by_length=True, shuffle=True, seed=1)
+    seen, orders = [], []
+    for _ in range(2):
+        rows = []
+        for i in range(len(ds)):
+            feats, label = ds[i]
+            width = feats["hist_item"].shape[1]
+            longest = int(np.count_nonzero(feats["hist_item"], axis=1).max())
+            assert width in (8,) and longest <= width  # max_len 8: one width
+            rows += [tuple(np.pad(r, (8 - width, 0))) for r in feats["hist_item"]]
+            assert len(label) == len(feats["target_item"]) <= 5
+        seen.append(sorted(rows))
+        orders.append(rows)
+        ds.on_epoch_end()
+    assert seen[0] == seen[1] == sorted(every)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+    dropped = WindowDataset(out, "train", batch_size=5, drop_remainder=True)
+    assert all(len(dropped[i][1]) == 5 for i in range(len(dropped)))
+    assert len(dropped) == plain.num_targets // 5

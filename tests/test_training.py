@@ -266,3 +266,32 @@ def test_data_parallel_over_two_virtual_devices(run_script, data_dir, tmp_path, 
     script = DATA_PARALLEL_SCRIPT.replace("sys.argv[1]", repr(str(tmp_path)))
     script = script.replace("sys.argv[2]", repr(data_dir))
     assert f"DATA PARALLEL {backend}" in run_script(script, backend, timeout=400)
+
+
+NO_TENSORFLOW_SCRIPT = """
+import sys
+sys.modules["tensorflow"] = None  # as on the GPU machine: `import tensorflow` fails
+import json, numpy as np
+from seminar_tf import training
+cfg = training.TrainConfig(
+    epochs=2, batch_size=64, steps_per_epoch=4, bucket_by_length=False, validation_steps=2, model={"preset": "seminar", "embedding_dim": 8, "num_heads": 2,
+                                    "top_k": 4, "hidden_units": [16]},
+)
+assert training.reader_of(cfg) == "numpy"
+model, history = training.train(__DATA__, __OUT__, cfg)
+assert len(history["loss"]) == 2 and np.isfinite(history["val_auc"]).all(), history
+report = training.evaluate(__DATA__, __OUT__, max_ranked=20)
+assert report["examples"] > 0 and 0 <= report["auc"] <= 1 and report["ranked_positives"] == 20
+assert "tensorflow" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+print("TRAINED WITHOUT TENSORFLOW", report["examples"])
+"""
+
+
+def test_jax_trains_and_evaluates_without_tensorflow(run_script, data_dir, tmp_path):
+    """``KERAS_BACKEND=jax`` with TensorFlow unimportable (the GPU machine): the numpy reader
+    feeds training and evaluation from the same preprocessing output."""
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("jax is not installed")
+    script = NO_TENSORFLOW_SCRIPT.replace("__DATA__", repr(data_dir))
+    script = script.replace("__OUT__", repr(str(tmp_path / "jax_run")))
+    assert "TRAINED WITHOUT TENSORFLOW" in run_script(script, "jax", timeout=400)

@@ -11,12 +11,11 @@ strictly before it (events, clicks, seconds since the latest), counted across ch
 
 from __future__ import annotations
 
-import glob
-import os
-
 import tensorflow as tf
 
 from seminar_tf import spec
+from seminar_tf.data.numpy_reader import HIST_FEATURES, example_files
+from seminar_tf.data.numpy_reader import bucket_widths as _bucket_widths
 
 HISTORY_MODES = spec.HISTORY_MODES
 TARGET_MODES = ("all", "positive")
@@ -38,15 +37,6 @@ def parse_spec() -> dict:
     for name in spec.SEQ_COLUMNS:
         features[name] = tf.io.RaggedFeature(tf.int64)
     return features
-
-
-def example_files(data_dir: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_dir, spec.EXAMPLES_DIR, "*.tfrecord")))
-    if not files:
-        raise FileNotFoundError(
-            f"{data_dir}: no {spec.EXAMPLES_DIR}/*.tfrecord files; run `seminar preprocess` first"
-        )
-    return files
 
 
 def cut_windows(record: dict, targets: tf.Tensor, max_len: int, q: int, history: str) -> dict:
@@ -201,17 +191,6 @@ def make_dataset(
     if trim or bucket_by_length:
         ds = ds.map(lambda f, y: (trim_history(f, max_len), y))
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def _bucket_widths(max_len: int) -> list[int]:
-    widths, w = [], 8
-    while w < max_len:
-        widths.append(w)
-        w *= 2
-    return widths + [max_len]
-
-
-HIST_FEATURES = tuple(f.name for f in spec.MODEL_FEATURES + spec.META_FEATURES if "L" in f.shape)
 
 
 def trim_history(features: dict, max_len: int) -> dict:
