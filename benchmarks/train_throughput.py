@@ -205,10 +205,6 @@ def main() -> None:
     if args.quick:
         args.lengths, args.steps, args.repeats, args.batch = [50], 2, 1, 32
         args.skip_movielens = True
-    rows = synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
-    if not args.skip_movielens:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows += movielens_rows(tmp, args.max_ranked)
     os.makedirs(args.out, exist_ok=True)
     meta = {
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or ''}",
@@ -217,12 +213,21 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     name = "train_throughput" + ("_quick" if args.quick else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, name + ".txt"), "w") as f:
-        f.write(json.dumps(meta) + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
-    plot(rows, os.path.join(args.out, name + ".png"))
+    rows = synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
+    save(rows, meta, args.out, name)  # a later section that fails keeps these
+    if not args.skip_movielens:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows += movielens_rows(tmp, args.max_ranked)
+        save(rows, meta, args.out, name)
     print(f"wrote {args.out}/{name}.json .txt .png")
+
+
+def save(rows, meta, out, name):
+    with open(os.path.join(out, name + ".json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out, name + ".txt"), "w") as f:
+        f.write(json.dumps(meta) + "\n" + "\n".join(_fmt(r) for r in rows) + "\n")
+    plot(rows, os.path.join(out, name + ".png"))
 
 
 if __name__ == "__main__":

@@ -329,6 +329,7 @@ print("TRAINED", keras.backend.backend())
 """
 
 
+@pytest.mark.slow  # the JAX fit is also run by test_jax_trains_and_evaluates_without_tensorflow
 def test_training_step_under_jax(run_script):
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install 'seminar-tf[jax]')")
@@ -430,6 +431,7 @@ print("MIRRORED", strategy.num_replicas_in_sync)
 """
 
 
+@pytest.mark.slow  # superseded by test_training.py::test_data_parallel_over_two_virtual_devices
 def test_mirrored_strategy_fit_step_on_two_logical_cpus(run_script):
     assert "MIRRORED 2" in run_script(MIRRORED_SCRIPT, "tensorflow")
 
