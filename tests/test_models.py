@@ -499,3 +499,22 @@ def test_score_candidates_equals_the_call_on_repeated_rows(config):
     assert got.shape == (6, c)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert np.ptp(got, axis=1).max() > 1e-4  # the candidates are told apart
+
+
+def test_reembed_by_default_only_where_the_history_is_long():
+    """``reembed_kept=None`` re-embeds the kept for long or unknown-length histories and
+    backpropagates through short ones (where re-embedding K of L costs more than it saves);
+    an explicit True/False always wins; anything else is refused."""
+    ds = testing.make_data_spec()
+    config = {"embedding_dim": 8, "num_heads": 2, "top_k": 5, "short_term_len": 3}
+    model = build_model(ds, config, testing.make_tables(ds))
+    assert model.reembed_kept is None
+    threshold = SeminarCTR.REEMBED_MIN_RATIO * (5 + 3)
+    assert model._reembeds(np.zeros((2, threshold))) is True
+    assert model._reembeds(np.zeros((2, threshold - 1))) is False
+    assert model._reembeds(keras.KerasTensor((None, None))) is True
+    forced = build_model(ds, {**config, "reembed_kept": True}, testing.make_tables(ds))
+    assert forced._reembeds(np.zeros((2, 4))) is True
+    assert SeminarCTR.from_config(model.get_config()).reembed_kept is None
+    with pytest.raises(ValueError, match="reembed_kept"):
+        build_model(ds, {**config, "reembed_kept": "yes"}, testing.make_tables(ds))
