@@ -229,14 +229,17 @@ def gsu_recall(reference, model, dataset, ks=(10, 50), max_batches: int | None =
     ``|top_k(reference) & top_K(model)| / min(k, real behaviours)`` where ``K`` is the
     model's own ``top_k`` (``k <= K``). Both models must have the same ``top_k``.
     Returns ``{"recall@k": value, ..., "examples": n}``."""
+    from seminar_tf.compiled import compiled
+
+    ref_retrieve, got_retrieve = compiled(reference.retrieve), compiled(model.retrieve)
     sums = {k: 0.0 for k in ks}
     n = 0
     for i, batch in enumerate(dataset):
         if max_batches is not None and i >= max_batches:
             break
         features = _features(batch)
-        ref = reference.retrieve(features)
-        got = model.retrieve(features)
+        ref = ref_retrieve(features)
+        got = got_retrieve(features)
         ref_idx = keras.ops.convert_to_numpy(ref["indices"])
         ref_kept = keras.ops.convert_to_numpy(ref["kept_mask"])
         got_idx = keras.ops.convert_to_numpy(got["indices"])

@@ -373,16 +373,9 @@ def _compiled_score_candidates(model):
     TensorFlow, jit under JAX; eager elsewhere), returning numpy; None for a model without it."""
     if not hasattr(model, "score_candidates"):
         return None
-    fn = model.score_candidates
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
+    from seminar_tf.compiled import compiled
 
-        fn = tf.function(fn, reduce_retracing=True)
-    elif backend == "jax":
-        import jax
-
-        fn = jax.jit(fn)
+    fn = compiled(model.score_candidates)
 
     def score(features, candidates):
         features = {k: v for k, v in features.items() if k in spec.MODEL_FEATURE_NAMES}
