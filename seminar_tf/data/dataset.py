@@ -14,11 +14,15 @@ from __future__ import annotations
 import tensorflow as tf
 
 from seminar_tf import spec
-from seminar_tf.data.numpy_reader import HIST_FEATURES, example_files
+from seminar_tf.data.numpy_reader import (  # noqa: F401 (HISTORY_MODES, TARGET_MODES: API)
+    HIST_FEATURES,
+    HISTORY_MODES,
+    TARGET_MODES,
+    check_window_options,
+    example_files,
+)
 from seminar_tf.data.numpy_reader import bucket_widths as _bucket_widths
 
-HISTORY_MODES = spec.HISTORY_MODES
-TARGET_MODES = ("all", "positive")
 _TARGET_BLOCK = 256
 # Context written by later versions of `seminar preprocess`: older records read as 0 (the user
 # unknown; whole-history counts then start at the record's first event).
@@ -128,19 +132,7 @@ def make_dataset(
 
     ``include_meta`` adds ``spec.META_FEATURES`` (user id for GAUC, timestamps) to the features.
     """
-    data_spec = spec.DataSpec.load(data_dir)
-    if split not in spec.SPLIT_NAMES:
-        raise ValueError(f"split must be one of {spec.SPLIT_NAMES}, got {split!r}")
-    if history not in HISTORY_MODES:
-        raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
-    if targets not in TARGET_MODES:
-        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
-    max_len = max_len or data_spec.max_len
-    if max_len > data_spec.max_len:
-        raise ValueError(
-            f"max_len={max_len} exceeds the preprocessing max_len={data_spec.max_len}: chunk "
-            "prefixes only hold that much history; re-run `seminar preprocess --max-len`"
-        )
+    data_spec, max_len = check_window_options(data_dir, split, history, targets, max_len)
     split_id = spec.SPLIT_NAMES.index(split)
     q = data_spec.max_query_tokens
     record_spec = parse_spec()

@@ -234,6 +234,25 @@ def load_records(data_dir: str) -> list[dict]:
     return records
 
 
+def check_window_options(data_dir: str, split: str, history: str, targets: str, max_len):
+    """``(DataSpec, max_len)`` after checking the options both readers take: a known split,
+    history mode and target mode, and a ``max_len`` within the preprocessing's (None: its)."""
+    data_spec = spec.DataSpec.load(data_dir)
+    if split not in spec.SPLIT_NAMES:
+        raise ValueError(f"split must be one of {spec.SPLIT_NAMES}, got {split!r}")
+    if history not in HISTORY_MODES:
+        raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+    max_len = max_len or data_spec.max_len
+    if max_len > data_spec.max_len:
+        raise ValueError(
+            f"max_len={max_len} exceeds the preprocessing max_len={data_spec.max_len}: chunk "
+            "prefixes only hold that much history; re-run `seminar preprocess --max-len`"
+        )
+    return data_spec, max_len
+
+
 def select_targets(records, split: str, targets: str = "all") -> np.ndarray:
     """``[N, 2]`` (record index, position) of the split's targets, in reading order."""
     if split not in spec.SPLIT_NAMES:
@@ -292,14 +311,7 @@ class WindowDataset(keras.utils.PyDataset):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        data_spec = spec.DataSpec.load(data_dir)
-        if history not in HISTORY_MODES:
-            raise ValueError(f"history must be one of {HISTORY_MODES}, got {history!r}")
-        max_len = max_len or data_spec.max_len
-        if max_len > data_spec.max_len:
-            raise ValueError(
-                f"max_len={max_len} exceeds the preprocessing max_len={data_spec.max_len}"
-            )
+        data_spec, max_len = check_window_options(data_dir, split, history, targets, max_len)
         self.records = records if records is not None else load_records(data_dir)
         self.index = select_targets(self.records, split, targets)
         self.batch_size, self.max_len, self.history = batch_size, max_len, history
