@@ -18,6 +18,8 @@ Rows (all on the machine that runs the script; the JSON names it):
   both (they must agree).
 
 Usage: python benchmarks/train_throughput.py [--quick] [--lengths 100 1000] [--out DIR]
+       KERAS_BACKEND=jax python benchmarks/train_throughput.py --data MOVIELENS_OUT ...
+       (on the GPU machine, which has no TensorFlow: the numpy reader feeds it)
 """
 
 from __future__ import annotations
@@ -99,16 +101,16 @@ def synthetic_rows(lengths, batch, steps, repeats) -> list:
     return rows
 
 
-def movielens_rows(tmp: str, max_ranked: int | None) -> list:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from quality import prepare
-
+def movielens_rows(tmp: str, max_ranked: int | None, data_dir: str | None = None) -> list:
     from seminar_tf import evaluation
-    from seminar_tf.data.dataset import make_dataset
 
-    t0 = time.time()
-    data_dir = prepare("movielens", tmp, max_len=1000)
-    print(f"movielens: preprocessed in {time.time() - t0:.0f}s", flush=True)
+    if data_dir is None:  # preprocessing needs TensorFlow and Beam; --data skips it
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from quality import prepare
+
+        t0 = time.time()
+        data_dir = prepare("movielens", tmp, max_len=1000)
+        print(f"movielens: preprocessed in {time.time() - t0:.0f}s", flush=True)
     rows, model_dirs = [], {}
     for name in ("full graph", "reembed kept"):
         cfg = training.TrainConfig(epochs=1, seed=0, model={"reembed_kept": name != "full graph"})
@@ -138,9 +140,11 @@ def movielens_rows(tmp: str, max_ranked: int | None) -> list:
         return np.asarray(model.predict_on_batch(features)).reshape(-1)
 
     ranking = {}
+    rank_cfg = training.TrainConfig(batch_size=10, max_len=tcfg["max_len"], history=tcfg["history"])
+    reader = training.reader_of(rank_cfg)
     for name, kwargs in (("repeat rows", {}), ("score_candidates", {"score_candidates": fast})):
-        rank_ds = make_dataset(
-            data_dir, "test", 10, tcfg["max_len"], tcfg["history"], targets="positive", trim=True
+        rank_ds = training.windows(
+            data_dir, "test", rank_cfg, reader, targets="positive", trim=True
         )
         t = time.time()
         report = evaluation.evaluate_ranking(
@@ -199,6 +203,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-movielens", action="store_true")
     parser.add_argument("--max-ranked", type=int, default=None)
+    parser.add_argument(
+        "--data",
+        help="an existing `seminar preprocess` output of MovieLens (--max-len 1000) "
+        "instead of preprocessing here: what a machine without TensorFlow needs",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -209,6 +218,9 @@ def main() -> None:
     meta = {
         "machine": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or ''}",
         "backend": keras.backend.backend(),
+        "devices": [str(d) for d in keras.distribution.list_devices()]
+        if keras.backend.backend() == "jax"
+        else None,
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
     }
@@ -217,7 +229,7 @@ def main() -> None:
     save(rows, meta, args.out, name)  # a later section that fails keeps these
     if not args.skip_movielens:
         with tempfile.TemporaryDirectory() as tmp:
-            rows += movielens_rows(tmp, args.max_ranked)
+            rows += movielens_rows(tmp, args.max_ranked, args.data)
         save(rows, meta, args.out, name)
     print(f"wrote {args.out}/{name}.json .txt .png")
 
