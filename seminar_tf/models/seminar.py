@@ -176,7 +176,9 @@ class SeminarCTR(keras.Model):
        (padding).
 
     ``call`` returns the click probability, shape ``[B]`` (float32). Compile with
-    ``loss="binary_crossentropy"`` and labels ``[B]``. ``call``, :meth:`retrieve` and
+    ``loss=seminar_tf.losses.click_crossentropy`` (one value per example; plain
+    ``"binary_crossentropy"`` on ``[B]`` gives one scalar, which ``tf.distribute`` does not
+    scale) and labels ``[B]``. ``call``, :meth:`retrieve` and
     :meth:`rank` also take the serving input ``target_attributes`` ``[B, A]``
     (``spec.TARGET_ATTRIBUTES``: rows with any non-zero id replace the table's attributes of
     the target); training never feeds it.
@@ -231,9 +233,11 @@ class SeminarCTR(keras.Model):
     Example:
 
     ```python
+    from seminar_tf.losses import click_crossentropy
+
     model = build_model(data_spec, {"search": "exact", "top_k": 50}, tables)
     model.restore_pretrained(psu)
-    model.compile(optimizer="adam", loss="binary_crossentropy",
+    model.compile(optimizer="adam", loss=click_crossentropy,
                   metrics=[keras.metrics.AUC(name="auc")])
     model.fit(features, labels, batch_size=256)
     probabilities = model.predict(features)  # [N]
