@@ -108,14 +108,20 @@ def windows(data_dir: str, split: str, cfg: TrainConfig, reader: str, records=No
     return make_dataset(data_dir, split, cfg.batch_size, cfg.max_len, cfg.history, **kwargs)
 
 
+def _records(data_dir: str, reader: str):
+    """The numpy reader's parsed records, loaded once per command and shared by its splits
+    (None for tf.data)."""
+    if reader != "numpy":
+        return None
+    from seminar_tf.data.numpy_reader import load_records
+
+    return load_records(data_dir)
+
+
 def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool = False):
     targets = "positive" if positives else "all"
     reader = reader_of(cfg)
-    records = None
-    if reader == "numpy":
-        from seminar_tf.data.numpy_reader import load_records
-
-        records = load_records(data_dir)
+    records = _records(data_dir, reader)
     train = windows(
         data_dir, "train", cfg, reader, records, targets=targets, shuffle=True,
         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, repeat=True,
@@ -260,7 +266,9 @@ def train(
 
             # The weights train with exact GSU scores; the codebooks follow them before each
             # validation, so early stopping sees the quantized first stage.
-            fit_codes = FitCodebooks(_codebook_sample(data_dir, cfg))
+            fit_codes = FitCodebooks(
+                _codebook_sample(data_dir, cfg, records=getattr(train_ds, "records", None))
+            )
             extra_callbacks.append(fit_codes)
         log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs,
                  run.batch_size)  # fmt: skip
@@ -285,9 +293,10 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
-def _codebook_sample(data_dir: str, cfg: TrainConfig, batches: int = 40):
-    """A fixed sample of training histories (features only) to fit codebooks on."""
-    ds = windows(data_dir, "train", cfg, reader_of(cfg), trim=True)
+def _codebook_sample(data_dir: str, cfg: TrainConfig, batches: int = 40, records=None):
+    """A fixed sample of training histories (features only) to fit codebooks on
+    (``records``: the numpy reader's, when already loaded)."""
+    ds = windows(data_dir, "train", cfg, reader_of(cfg), records, trim=True)
     if isinstance(ds, keras.utils.PyDataset):
         return [ds[i][0] for i in range(min(batches, len(ds)))]
     return ds.take(batches).map(lambda features, label: features)
@@ -325,12 +334,15 @@ def quantize(
         raise ValueError(
             f"recall k={max(recall_ks)} exceeds the model's top_k={getattr(model, 'top_k', None)}"
         )
+    reader = reader_of(cfg)
+    records = _records(data_dir, reader)
     t0 = time.time()
+    sample = _codebook_sample(data_dir, cfg, records=records)
     pq_model, fit_report = quantize_model(
-        model, _codebook_sample(data_dir, cfg), num_subvectors, num_centroids, max_vectors, seed
+        model, sample, num_subvectors, num_centroids, max_vectors, seed
     )
     t1 = time.time()
-    valid = windows(data_dir, "valid", cfg, reader_of(cfg), trim=True)
+    valid = windows(data_dir, "valid", cfg, reader, records, trim=True)
     recall = gsu_recall(model, pq_model, (f for f, _ in valid), recall_ks, recall_batches)
     log.info(
         "quantize: codebooks in %.1fs; GSU recall vs exact on %d validation examples: %s",
@@ -409,11 +421,7 @@ def evaluate(
     score_candidates = _compiled_score_candidates(model)
     cfg = TrainConfig(batch_size=batch_size, max_len=max_len, history=history)
     reader = reader_of(cfg)
-    records = None
-    if reader == "numpy":
-        from seminar_tf.data.numpy_reader import load_records
-
-        records = load_records(data_dir)
+    records = _records(data_dir, reader)
     ds = windows(data_dir, split, cfg, reader, records, include_meta=True, trim=True)
     # Each positive is scored with its negatives: keep about 2 x batch_size rows a call.
     rank_cfg = dataclasses.replace(cfg, batch_size=max(1, 2 * batch_size // (num_negatives + 1)))
