@@ -163,6 +163,46 @@ def movielens_rows(tmp: str, max_ranked: int | None, data_dir: str | None = None
     return rows
 
 
+def topk_rows(repeats: int = 7) -> list:
+    """The GSU's exact top-K: one ``top_k`` over L against ``_ops.top_k_by_blocks`` (blocks
+    of ``TopKSearch.AUTO_BLOCK``), compiled, median of ``repeats``; the indices must agree."""
+    from keras import ops
+
+    from seminar_tf.compiled import compiled
+    from seminar_tf.layers import TopKSearch, _ops
+
+    rng = np.random.default_rng(0)
+    block = TopKSearch.AUTO_BLOCK
+    rows = []
+    for length, batch, k in [(1_000, 256, 50), (10_000, 256, 50), (10_000, 256, 100),
+                             (100_000, 64, 100)]:  # fmt: skip
+        scores = rng.normal(size=(batch, length)).astype("float32")
+        scores[:, ::7] = 1.0  # ties, broken by position either way
+        x = ops.convert_to_tensor(scores)
+        plain = compiled(lambda a, k=k: ops.top_k(a, k=k, sorted=True))
+        blocks = compiled(lambda a, k=k: _ops.top_k_by_blocks(a, k, block))
+        times = {}
+        for name, fn in (("top_k over L", plain), (f"blocks of {block}", blocks)):
+            indices = np.asarray(ops.convert_to_numpy(fn(x)[1]))
+            times[name] = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                np.asarray(ops.convert_to_numpy(fn(x)[1]))
+                times[name].append(time.perf_counter() - t)
+            times[name + " indices"] = indices
+        names = list(times)[::2]
+        same = bool(np.array_equal(times[names[0] + " indices"], times[names[1] + " indices"]))
+        base = statistics.median(times[names[0]])
+        for name in names:
+            med = statistics.median(times[name])
+            rows.append({
+                "section": "gsu top-k", "L": length, "batch": batch, "k": k, "variant": name,
+                "ms": round(med * 1e3, 2), "speedup": round(base / med, 2), "same_indices": same,
+            })  # fmt: skip
+            print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
 def _fmt(row: dict) -> str:
     return "  ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_runs"))
 
@@ -174,6 +214,8 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     synth = [r for r in rows if r["section"] == "synthetic"]
+    if not synth:  # --sections topk alone: a table is enough
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lengths = sorted({r["L"] for r in synth})
     width = 0.8 / max(1, len(VARIANTS))
@@ -185,7 +227,7 @@ def plot(rows, path):
     axes[0].set_ylabel("train examples / s")
     axes[0].set_title("synthetic inputs (median)")
     axes[0].legend()
-    other = [r for r in rows if r["section"] != "synthetic"]
+    other = [r for r in rows if r["section"].startswith("movielens")]
     labels = [f"{r['section'].split(' (')[0]}\n{r['variant']}" for r in other]
     axes[1].barh(labels, [r["seconds"] for r in other])
     axes[1].set_xlabel("seconds")
@@ -202,6 +244,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="batches per timed epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-movielens", action="store_true")
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        default=["synthetic", "movielens", "topk"],
+        choices=["synthetic", "movielens", "topk"],
+    )
     parser.add_argument("--max-ranked", type=int, default=None)
     parser.add_argument(
         "--data",
@@ -225,9 +273,16 @@ def main() -> None:
         "command": " ".join(sys.argv),
     }
     name = "train_throughput" + ("_quick" if args.quick else "")
-    rows = synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
-    save(rows, meta, args.out, name)  # a later section that fails keeps these
-    if not args.skip_movielens:
+    if args.sections == ["topk"]:
+        name += f"_topk_{keras.backend.backend()}"
+    rows = []
+    if "synthetic" in args.sections:
+        rows += synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
+        save(rows, meta, args.out, name)  # a later section that fails keeps these
+    if "topk" in args.sections and not args.quick:
+        rows += topk_rows()
+        save(rows, meta, args.out, name)
+    if "movielens" in args.sections and not args.skip_movielens:
         with tempfile.TemporaryDirectory() as tmp:
             rows += movielens_rows(tmp, args.max_ranked, args.data)
         save(rows, meta, args.out, name)

@@ -34,8 +34,9 @@ class TopKSearch(keras.layers.Layer):
         scorer_config: keyword arguments of the scorer's constructor.
         block_size: the exact top-K by blocks (``_ops.top_k_by_blocks``): ``None`` (default)
             uses blocks of ``AUTO_BLOCK`` where they measured faster: the JAX backend with a
-            static length ``L >= AUTO_BLOCK_MIN_RATIO * k`` (at L = 100,000, K = 100 on the
-            CPU 6.0 ms against 15.4 ms; the TensorFlow CPU kernel never gained); ``0``: one
+            static length ``L >= AUTO_BLOCK_MIN_RATIO * k`` (2-core CPU, jit: L = 100,000,
+            K = 100, batch 64: 5.6 ms against 15.0 ms; L = 10,000: 0.9x; TensorFlow never
+            gained; ``benchmarks/results/train_throughput_topk_*.json``); ``0``: one
             ``top_k`` over all L always; a positive int: blocks of that size whenever ``L`` is
             static and holds more than ``k`` blocks. The kept set is the same either way.
         **kwargs: ``keras.layers.Layer`` arguments.
@@ -50,7 +51,7 @@ class TopKSearch(keras.layers.Layer):
     """
 
     AUTO_BLOCK = 32
-    AUTO_BLOCK_MIN_RATIO = 200
+    AUTO_BLOCK_MIN_RATIO = 1000
 
     def __init__(
         self,
