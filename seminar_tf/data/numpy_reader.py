@@ -326,8 +326,11 @@ class WindowDataset(keras.utils.PyDataset):
         self._lengths = None
         if bucket_by_length:
             self._lengths = np.zeros(len(self.index), np.int64)
-            for r in np.unique(self.index[:, 0]):
-                rows = np.flatnonzero(self.index[:, 0] == r)
+            # One pass over the targets grouped by record (not a scan of all per record).
+            order = np.argsort(self.index[:, 0], kind="stable")
+            starts = np.flatnonzero(np.diff(self.index[order, 0], prepend=-1))
+            for rows in np.split(order, starts[1:]) if len(order) else []:
+                r = self.index[rows[0], 0]
                 self._lengths[rows] = history_lengths(
                     self.records[r], self.index[rows, 1], max_len, history
                 )

@@ -592,11 +592,16 @@ class SeminarCTR(keras.Model):
         return copied
 
     # ----------------------------------------------------------------------------- forward
-    def _short_term(self, hist_pair, mask):
+    @staticmethod
+    def _recent(mask, n: int):
+        """bool ``[B, L]``: the last ``n`` real behaviours of each history, wherever the
+        padding sits."""
         mask_f = ops.cast(mask, "float32")
         from_end = ops.flip(ops.cumsum(ops.flip(mask_f, axis=1), axis=1), axis=1)
-        short = ops.logical_and(ops.cast(mask, "bool"), from_end <= self.short_term_len)
-        return _ops.masked_mean(hist_pair, short, axis=1)
+        return ops.logical_and(ops.cast(mask, "bool"), from_end <= n)
+
+    def _short_term(self, hist_pair, mask):
+        return _ops.masked_mean(hist_pair, self._recent(mask, self.short_term_len), axis=1)
 
     def call(self, inputs, training=None):
         t_vec, t_mask, target_pair = self._encode_target(inputs)
@@ -604,12 +609,8 @@ class SeminarCTR(keras.Model):
         if self.use_history and self.gsu is not None and self._reembeds(inputs["hist_item"]):
             features += self._search_then_reembed(inputs, t_vec, t_mask, target_pair, training)
         elif self.use_history:
-            emb = self.pair_embedding
-            hist_item = inputs["hist_item"]
-            mask = ops.not_equal(hist_item, 0)
-            h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
-            h_weights = emb.fusion_weights(h_mask)
-            hist_pair = emb.fuse(h_vec, h_mask, h_weights)
+            mask, h_vec, h_mask, h_weights = self._encode_history(inputs)
+            hist_pair = self.pair_embedding.fuse(h_vec, h_mask, h_weights)
             keys = hist_pair
             if self.use_history_labels:
                 labels = ops.clip(ops.cast(inputs["hist_label"], "int32"), 0, 1)
@@ -794,9 +795,7 @@ class SeminarCTR(keras.Model):
         """``(indices [B, n] int32, present [B, n] bool)``: the positions of the last ``n``
         real behaviours of each history (wherever the padding sits), as :meth:`_short_term`
         selects them."""
-        mask_f = ops.cast(mask, "float32")
-        from_end = ops.flip(ops.cumsum(ops.flip(mask_f, axis=1), axis=1), axis=1)
-        chosen = ops.logical_and(ops.cast(mask, "bool"), from_end <= n)
+        chosen = SeminarCTR._recent(mask, n)
         position = ops.cast(ops.arange(ops.shape(mask)[1]), "float32")
         rank = ops.where(chosen, ops.expand_dims(position, 0), -1.0)
         # n extra columns so top_k has n candidates when L < n

@@ -186,21 +186,29 @@ class PQScorer(ExactScorer):
     def score_codes(self, target, codes, weights):
         """Scores ``[B, L]`` of the behaviours stored as ``codes`` int ``[B, L, M, S]``,
         fused with ``weights`` ``[B, L, M]``."""
-        tables, c = self.lookup_tables(target)
+        tables, offset = self.lookup_tables(target)
+        return self._score_tables(tables[:, None], offset[:, None], codes, weights)[:, 0]
+
+    def _score_tables(self, tables, offset, codes, weights):
+        """Scores ``[B, C, L]``: the lookup tables ``[B, C, M, S, K]`` (and offsets
+        ``[B, C]``) of C targets per history against that history's ``codes [B, L, M, S]``
+        fused with ``weights [B, L, M]``: the codes are read once for every target."""
         m, s, k = len(self.modalities), self.num_subvectors, self.num_centroids
         codes = ops.cast(codes, "int32")
+        shape = ops.shape(codes)  # [B, L, M, S]
+        c = ops.shape(tables)[1]
         present = ops.cast(codes >= 0, tables.dtype)
         offsets = ops.reshape(ops.arange(m * s, dtype="int32") * k, (m, s))
-        flat_index = ops.maximum(codes, 0) + offsets  # [B, L, M, S]
-        shape = ops.shape(codes)
+        flat_index = ops.reshape(ops.maximum(codes, 0) + offsets, (shape[0], 1, -1))
         gathered = ops.take_along_axis(
-            ops.reshape(tables, (shape[0], m * s * k)),
-            ops.reshape(flat_index, (shape[0], -1)),
-            axis=1,
+            ops.reshape(tables, (shape[0], c, m * s * k)),
+            ops.broadcast_to(flat_index, (shape[0], c, ops.shape(flat_index)[2])),
+            axis=2,
         )
-        partial = ops.sum(ops.reshape(gathered, shape) * present, axis=-1)  # [B, L, M]
-        weights = ops.cast(weights, partial.dtype)
-        return ops.sum(partial * weights, axis=-1) + ops.expand_dims(c, -1)
+        gathered = ops.reshape(gathered, (shape[0], c, shape[1], m, s))
+        partial = ops.sum(gathered * ops.expand_dims(present, 1), axis=-1)  # [B, C, L, M]
+        weights = ops.expand_dims(ops.cast(weights, partial.dtype), 1)
+        return ops.sum(partial * weights, axis=-1) + ops.expand_dims(offset, -1)
 
     def stack_weights(self, key_weights: dict):
         """``[B, L, M]`` from ``{modality: [B, L]}`` (0 for a modality not given)."""
@@ -250,20 +258,10 @@ class PQScorer(ExactScorer):
             codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
         c = ops.shape(targets)[1]
         tables, offset = self.lookup_tables(ops.reshape(targets, (-1, targets.shape[-1])))
-        m, s, k = len(self.modalities), self.num_subvectors, self.num_centroids
-        codes = ops.cast(codes, "int32")
-        shape = ops.shape(codes)  # [B, L, M, S]
-        present = ops.cast(codes >= 0, tables.dtype)
-        offsets = ops.reshape(ops.arange(m * s, dtype="int32") * k, (m, s))
-        flat_index = ops.reshape(ops.maximum(codes, 0) + offsets, (shape[0], 1, -1))
-        tables = ops.reshape(tables, (shape[0], c, m * s * k))
-        gathered = ops.take_along_axis(
-            tables, ops.broadcast_to(flat_index, (shape[0], c, ops.shape(flat_index)[2])), axis=2
-        )
-        gathered = ops.reshape(gathered, (shape[0], c, shape[1], m, s))
-        partial = ops.sum(gathered * ops.expand_dims(present, 1), axis=-1)  # [B, C, L, M]
-        weights = ops.expand_dims(ops.cast(self.stack_weights(key_weights), partial.dtype), 1)
-        return ops.sum(partial * weights, axis=-1) + ops.reshape(offset, (shape[0], c, 1))
+        batch = ops.shape(codes)[0]
+        tables = ops.reshape(tables, (batch, c) + tuple(tables.shape[1:]))
+        offset = ops.reshape(offset, (batch, c))
+        return self._score_tables(tables, offset, codes, self.stack_weights(key_weights))
 
     def get_config(self):
         config = super().get_config()
