@@ -3,12 +3,14 @@
 Rows (all on the machine that runs the script; the JSON names it):
 
 - ``synthetic`` train and forward examples/s of SeminarCTR (SEMINAR preset, d=64, 4 heads,
-  top_k 50, 20,000 items, 384-d text and 512-d image vectors, 4 query tokens) on random
-  inputs from ``seminar_tf.testing`` for L in ``--lengths``: ``full graph``
+  top_k 50, ``--items`` items (20,000), 384-d text and 512-d image vectors, 4 query
+  tokens) on random inputs from ``seminar_tf.testing`` for L in ``--lengths``: ``full graph``
   (``reembed_kept=False``: the gradient flows through all L behaviours, the landed graph)
   against ``reembed kept`` (the default: the history is searched without gradient and the
   kept K embedded again with it), and the no-history DNN preset as the floor. ``model.fit``
-  on numpy arrays; the median of ``--repeats`` timed epochs after one warm-up epoch,
+  on numpy arrays; ``compact inputs``: int32 ids and no ``hist_query_tokens`` (the model's
+  ``query_tokens`` table gives them), and under JAX the same from batches already on the
+  accelerator (the step without the input copy); the median of ``--repeats`` timed epochs after one warm-up epoch,
   variants interleaved so machine noise hits each alike.
 - ``movielens`` (``../shared/data/movielens-small``, or ``SEMINAR_MOVIELENS``): one training
   epoch of the defaults (``seminar train``'s config, one epoch) with each graph, examples/s
@@ -50,6 +52,8 @@ VARIANTS = {
     "reembed kept": {**MODEL, "reembed_kept": True},
     "dnn (no history)": {"preset": "dnn", "embedding_dim": 64},
 }
+COMPACT = "reembed kept, compact inputs"
+ON_DEVICE = "reembed kept, compact, on device"
 
 
 class _EpochTimer(keras.callbacks.Callback):
@@ -60,33 +64,63 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds = getattr(self, "seconds", []) + [time.perf_counter() - self._t]
 
 
-def synthetic_rows(lengths, batch, steps, repeats) -> list:
+class _OnDevice(keras.utils.PyDataset):
+    """The same batches, each put on the accelerator once up front: ``fit`` then times the
+    step alone, without the host-to-device copy of the inputs."""
+
+    def __init__(self, x, y, batch):
+        super().__init__()
+        from keras import ops
+
+        n = len(y) // batch
+        self._batches = [
+            (
+                {k: ops.convert_to_tensor(v[i * batch : (i + 1) * batch]) for k, v in x.items()},
+                ops.convert_to_tensor(y[i * batch : (i + 1) * batch]),
+            )
+            for i in range(n)
+        ]
+
+    def __len__(self):
+        return len(self._batches)
+
+    def __getitem__(self, i):
+        return self._batches[i]
+
+
+def synthetic_rows(lengths, batches, steps, repeats, num_items=20_000) -> list:
     rows = []
-    for length in lengths:
+    for length, batch in zip(lengths, batches):
         ds = testing.make_data_spec(
-            num_items=20_000, num_attributes=500, num_query_tokens=5_000, num_queries=5_000,
+            num_items=num_items, num_attributes=500, num_query_tokens=5_000, num_queries=5_000,
             max_attributes=4, max_query_tokens=4, text_dim=384, image_dim=512,
             query_text_dim=384, max_len=length, num_users=1_000,
         )  # fmt: skip
         tables = testing.make_tables(ds)
         x, y = testing.make_batch(ds, batch * steps, seed=1, min_history=length, padding="left")
+        # Compact inputs: int32 ids, and no per-behaviour query tokens (the model's
+        # query_tokens table gives them from the query ids): 16 bytes a behaviour, not 56.
+        compact = {k: v.astype(np.int32) for k, v in x.items() if k != "hist_query_tokens"}
+        variants = {**VARIANTS, COMPACT: VARIANTS["reembed kept"]}
+        on_device = None
+        if keras.backend.backend() == "jax":  # an accelerator: also time the step alone
+            on_device = _OnDevice(compact, y, batch)
+            variants[ON_DEVICE] = VARIANTS["reembed kept"]
         models = {}
-        for name, config in VARIANTS.items():
+        for name, config in variants.items():
             keras.utils.set_random_seed(0)
             model = build_model(ds, config, tables)
             model.compile(optimizer="adam", loss="binary_crossentropy")
-            model.fit(x, y, batch_size=batch, epochs=1, verbose=0)  # compile + warm up
-            model.predict(x, batch_size=batch, verbose=0)
             models[name] = model
+            inputs = compact if name == COMPACT else x
+            _fit_and_predict(model, name, inputs, y, batch, on_device)  # compile + warm up
         train, forward = {n: [] for n in models}, {n: [] for n in models}
         for _ in range(repeats):
             for name, model in models.items():
-                timer = _EpochTimer()
-                model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
-                train[name].append(len(y) / timer.seconds[0])
-                t = time.perf_counter()
-                model.predict(x, batch_size=batch, verbose=0)
-                forward[name].append(len(y) / (time.perf_counter() - t))
+                inputs = compact if name == COMPACT else x
+                train_s, forward_s = _fit_and_predict(model, name, inputs, y, batch, on_device)
+                train[name].append(len(y) / train_s)
+                forward[name].append(len(y) / forward_s)
         base = statistics.median(train["full graph"])
         for name in models:
             med = statistics.median(train[name])
@@ -99,6 +133,20 @@ def synthetic_rows(lengths, batch, steps, repeats) -> list:
             })  # fmt: skip
             print(_fmt(rows[-1]), flush=True)
     return rows
+
+
+def _fit_and_predict(model, name, x, y, batch, on_device):
+    """Seconds of one training epoch and of one prediction pass over ``x``."""
+    timer = _EpochTimer()
+    if name == ON_DEVICE:
+        model.fit(on_device, epochs=1, verbose=0, callbacks=[timer])
+        t = time.perf_counter()
+        model.predict(on_device, verbose=0)
+    else:
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer])
+        t = time.perf_counter()
+        model.predict(x, batch_size=batch, verbose=0)
+    return timer.seconds[0], time.perf_counter() - t
 
 
 def movielens_rows(tmp: str, max_ranked: int | None, data_dir: str | None = None) -> list:
@@ -218,8 +266,9 @@ def plot(rows, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     lengths = sorted({r["L"] for r in synth})
-    width = 0.8 / max(1, len(VARIANTS))
-    for i, name in enumerate(VARIANTS):
+    names = [n for n in [*VARIANTS, COMPACT, ON_DEVICE] if any(r["variant"] == n for r in synth)]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
         values = [next((r["train_ex_per_s"] for r in synth if r["L"] == n and
                         r["variant"] == name), 0) for n in lengths]  # fmt: skip
         axes[0].bar(np.arange(len(lengths)) + i * width, values, width, label=name)
@@ -240,7 +289,10 @@ def plot(rows, path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[256], help="one per length, or one for all"
+    )
+    parser.add_argument("--items", type=int, default=20_000, help="catalog size (synthetic)")
     parser.add_argument("--steps", type=int, default=8, help="batches per timed epoch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-movielens", action="store_true")
@@ -260,7 +312,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.quick:
-        args.lengths, args.steps, args.repeats, args.batch = [50], 2, 1, 32
+        args.lengths, args.steps, args.repeats, args.batch = [50], 2, 1, [32]
         args.skip_movielens = True
     os.makedirs(args.out, exist_ok=True)
     meta = {
@@ -277,7 +329,10 @@ def main() -> None:
         name += f"_topk_{keras.backend.backend()}"
     rows = []
     if "synthetic" in args.sections:
-        rows += synthetic_rows(args.lengths, args.batch, args.steps, args.repeats)
+        batches = args.batch * len(args.lengths) if len(args.batch) == 1 else args.batch
+        if len(batches) != len(args.lengths):
+            parser.error("--batch takes one value, or one per --lengths value")
+        rows += synthetic_rows(args.lengths, batches, args.steps, args.repeats, args.items)
         save(rows, meta, args.out, name)  # a later section that fails keeps these
     if "topk" in args.sections and not args.quick:
         rows += topk_rows()

@@ -87,6 +87,7 @@ class Summarise(beam.DoFn):
             max_user_attributes=sizes.get("max_user_attributes", 0),
             user_embedding_dim=sizes.get("user_embedding_dim", 0),
             user_hash_buckets=cfg.user_hash_buckets,
+            min_query_count=max(1, int(cfg.min_counts.get("query", 1))),
         )
         schema = {**data_spec.to_json(), "run_id": cfg.run_id}
         write_json(FileSystems.join(cfg.out_dir, spec.SCHEMA_FILE), schema)

@@ -77,7 +77,8 @@ def evaluate_ctr(predict: Callable[[dict], np.ndarray], dataset) -> dict:
     """Runs ``predict`` over a dataset of ``(features, label)`` with meta features."""
     labels, probs, users = [], [], []
     for features, label in dataset:
-        model_inputs = {k: features[k] for k in spec.MODEL_FEATURE_NAMES}
+        # compact windows leave out hist_query_tokens (the model's table holds them)
+        model_inputs = {k: features[k] for k in spec.MODEL_FEATURE_NAMES if k in features}
         probs.append(np.asarray(predict(model_inputs)).reshape(-1))
         labels.append(np.asarray(label).reshape(-1))
         users.append(np.asarray(features["user_id"]).reshape(-1))
@@ -120,7 +121,9 @@ def evaluate_ranking(
         keep = np.asarray(label).reshape(-1) > 0
         if not keep.any():
             continue
-        feats = {k: np.asarray(features[k])[keep] for k in spec.MODEL_FEATURE_NAMES}
+        feats = {
+            k: np.asarray(features[k])[keep] for k in spec.MODEL_FEATURE_NAMES if k in features
+        }
         b = int(keep.sum())
         if max_positives is not None:
             b = min(b, max_positives - seen)

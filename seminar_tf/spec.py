@@ -157,6 +157,14 @@ TABLE_ARRAYS = (
     "query_text_vectors",  # float32 [num_queries, query_text_dim]
     "query_has_text",  # bool [num_queries]
 )
+# Tables derived from the vocabulary files when loaded (``training.load_tables``), so
+# preprocessing outputs of any age have them.
+DERIVED_TABLE_ARRAYS = (
+    # int64 [num_queries, max_query_tokens]: each query's token ids (``text.query_token_table``),
+    # exactly an event's ``query_tokens`` for an in-vocabulary query: the history can then
+    # carry query ids alone (``compact`` inputs).
+    "query_tokens",
+)
 # Arrays in tables.npz from the optional users table, present only when ``--users`` was given,
 # indexed by the encoded user id (``vocab/users.txt``; row 0, the unknown user, and row 1, the
 # OOV user, are empty, as are users of the events missing from the table).
@@ -169,6 +177,18 @@ USER_TABLE_ARRAYS = (
 # hash of ``tf.strings.to_hash_bucket_fast``; "" stays 0), computed by
 # ``seminar_tf.user_hash.hash_user_ids`` in preprocessing and inside the exported graph.
 USER_HASH = "farmhash_fingerprint64"
+
+
+# Compact model inputs (``TrainConfig.compact_inputs``): the history without these features
+# (the model's ``query_tokens`` table gives them from ``hist_query``) and every id as int32:
+# 16 bytes a behaviour instead of 56 (8 with Q = 4 tokens: item, query, 4 tokens, label).
+COMPACT_DROPPED = ("hist_query_tokens",)
+
+
+def compact_inputs_exact(data_spec: DataSpec) -> bool:
+    """Whether compact inputs lose nothing on this output: every query of its events has an
+    id (``min_query_count`` 1), whose ``query_tokens`` row is then that event's tokens."""
+    return data_spec.min_query_count == 1
 
 
 def resolve_shape(shape: tuple, max_len: int, max_query_tokens: int) -> tuple:
@@ -217,6 +237,10 @@ class DataSpec:
     # ``--user-hash-buckets``: N > 0 maps a user id to ``2 + hash % N`` (``USER_HASH``;
     # ``num_users`` is then N + 2 and ``vocab/users.txt`` is empty); 0: the user vocabulary.
     user_hash_buckets: int = 0
+    # The query vocabulary's minimum count: 1 means every query of the events has its own id,
+    # so the ``query_tokens`` table gives each event's tokens exactly (``compact_inputs_exact``);
+    # 0: not recorded (an output written before it was).
+    min_query_count: int = 0
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)

@@ -88,6 +88,7 @@ def make_tables(data_spec: spec.DataSpec, seed: int = 0, coverage: float = 0.6) 
         "item_has_image": has_image,
         "query_text_vectors": qtext,
         "query_has_text": q_has_text,
+        "query_tokens": query_token_table(s),
     }
     if s.num_user_attributes or s.user_embedding_dim:
         user_attrs = np.zeros((s.num_users, s.max_user_attributes), np.int64)
@@ -108,7 +109,7 @@ def query_token_table(data_spec: spec.DataSpec, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed + 7)
     s = data_spec
     table = np.zeros((max(s.num_queries, 1), s.max_query_tokens), np.int64)
-    if s.num_query_tokens > spec.NUM_RESERVED_IDS:
+    if s.num_query_tokens > spec.NUM_RESERVED_IDS and s.max_query_tokens:
         for q in range(1, s.num_queries):
             k = rng.integers(1, s.max_query_tokens + 1)
             table[q, :k] = rng.integers(spec.NUM_RESERVED_IDS, s.num_query_tokens, size=k)
@@ -150,7 +151,7 @@ def make_features(
     rng = np.random.default_rng(seed)
     s = data_spec
     L, Q = s.max_len, s.max_query_tokens
-    tokens = query_token_table(s, seed)
+    tokens = query_token_table(s)  # the tables' (make_tables): one world whatever the seed
     lo = spec.NUM_RESERVED_IDS
 
     def queries(shape):
@@ -305,6 +306,7 @@ def make_planted_data(
 
     hist_query = queries_for(hist_item, mask & (rng.random(hist_item.shape) < query_rate))
     target_query = queries_for(target_item, rng.random(num_examples) < query_rate)
+    tables["query_tokens"] = qtokens
     features = {
         "target_item": target_item,
         "target_query": target_query,

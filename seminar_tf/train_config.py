@@ -25,6 +25,7 @@ from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 DISTRIBUTE = ("none", "data", "mirrored")
 LR_SCALING = ("sqrt", "linear", "none")
 READERS = ("auto", "tf.data", "numpy")
+COMPACT_INPUTS = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,10 @@ class TrainConfig:
     # Input pipeline: "tf.data", "numpy" (seminar_tf.data.numpy_reader: no TensorFlow needed,
     # the same windows) or "auto" (tf.data where TensorFlow imports, else numpy).
     reader: str = "auto"
+    # Compact inputs (spec.COMPACT_DROPPED): int32 ids and query ids without per-behaviour
+    # tokens, which the model's query_tokens table gives. "auto": where that loses nothing
+    # (spec.compact_inputs_exact); "on": the same, an error where it would lose tokens; "off".
+    compact_inputs: str = "auto"
     # With --pretrained, also copy the PSU's attention to the GSU scorer. Off by default: the
     # pretrained pair embedding alone validated better on MovieLens (SEMINAR, history "all",
     # 3 seeds, H200: validation AUC 0.7525 +-0.005 against 0.7494 +-0.001 with the attention
@@ -147,7 +152,7 @@ class TrainConfig:
         self.weight_decay = float(wd)
         for name, allowed in (
             ("history", HISTORY_MODES), ("distribute", DISTRIBUTE), ("lr_scaling", LR_SCALING),
-            ("reader", READERS),
+            ("reader", READERS), ("compact_inputs", COMPACT_INPUTS),
         ):  # fmt: skip
             value = getattr(self, name)
             if value not in allowed:

@@ -25,9 +25,9 @@ import time
 import keras
 import numpy as np
 
-from seminar_tf import distribute, spec
+from seminar_tf import distribute, spec, text
 from seminar_tf.losses import click_crossentropy
-from seminar_tf.train_config import TrainConfig, check_model_config
+from seminar_tf.train_config import ConfigError, TrainConfig, check_model_config
 
 log = logging.getLogger("seminar.train")
 
@@ -75,8 +75,12 @@ def _split_count(data_dir: str, split: str, positives: bool) -> int:
 
 
 def load_tables(data_dir: str) -> dict:
+    """``tables.npz`` of a preprocessing output plus ``spec.DERIVED_TABLE_ARRAYS``."""
     with np.load(os.path.join(data_dir, spec.TABLES_FILE)) as t:
-        return {k: t[k] for k in t.files}
+        tables = {k: t[k] for k in t.files}
+    q = spec.DataSpec.load(data_dir).max_query_tokens
+    tables["query_tokens"] = text.load_query_token_table(data_dir, q)
+    return tables
 
 
 def reader_of(cfg: TrainConfig) -> str:
@@ -91,11 +95,34 @@ def reader_of(cfg: TrainConfig) -> str:
     return "tf.data"
 
 
+def compact_of(cfg: TrainConfig, data_dir: str, model=None) -> bool:
+    """Whether a run reads compact inputs (``cfg.compact_inputs``): only where they lose
+    nothing (``spec.compact_inputs_exact``) and ``model``, when given, has the
+    ``query_tokens`` table (a model saved before it existed needs the tokens)."""
+    if cfg.compact_inputs == "off":
+        return False
+    exact = spec.compact_inputs_exact(spec.DataSpec.load(data_dir))
+    if cfg.compact_inputs == "on" and not exact:
+        raise ConfigError(
+            f"compact_inputs 'on': {data_dir} was preprocessed with a query minimum count "
+            "above 1 (or before it was recorded), so query ids alone would lose the tokens of "
+            "rare queries; preprocess again or use 'auto'"
+        )
+    if model is not None:
+        emb = model.pair_embedding
+        if emb.use_query_tokens and not emb.use_query_token_table:
+            return False
+    return exact
+
+
 def windows(data_dir: str, split: str, cfg: TrainConfig, reader: str, records=None, **kwargs):
     """Batches of ``(features, label)`` of ``split`` through ``reader``: a ``tf.data.Dataset``
     (``dataset.make_dataset``) or a ``numpy_reader.WindowDataset``, the same windows either
     way. ``kwargs``: ``make_dataset``'s options (``repeat`` and ``shuffle_buffer`` only
-    matter to tf.data: a WindowDataset runs epoch after epoch and shuffles whole epochs)."""
+    matter to tf.data: a WindowDataset runs epoch after epoch and shuffles whole epochs);
+    ``compact`` defaults to :func:`compact_of` ``(cfg, data_dir)``."""
+    if "compact" not in kwargs:
+        kwargs["compact"] = compact_of(cfg, data_dir)
     if reader == "numpy":
         from seminar_tf.data.numpy_reader import WindowDataset
 
@@ -267,7 +294,12 @@ def train(
             # The weights train with exact GSU scores; the codebooks follow them before each
             # validation, so early stopping sees the quantized first stage.
             fit_codes = FitCodebooks(
-                _codebook_sample(data_dir, cfg, records=getattr(train_ds, "records", None))
+                _codebook_sample(
+                    data_dir,
+                    cfg,
+                    records=getattr(train_ds, "records", None),
+                    compact=compact_of(cfg, data_dir),
+                )  # fmt: skip
             )
             extra_callbacks.append(fit_codes)
         log.info("train: %d steps/epoch x %d epochs, batch %d", steps, cfg.epochs,
@@ -293,10 +325,12 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2)
 
 
-def _codebook_sample(data_dir: str, cfg: TrainConfig, batches: int = 40, records=None):
+def _codebook_sample(
+    data_dir: str, cfg: TrainConfig, batches: int = 40, records=None, compact: bool = False
+):
     """A fixed sample of training histories (features only) to fit codebooks on
     (``records``: the numpy reader's, when already loaded)."""
-    ds = windows(data_dir, "train", cfg, reader_of(cfg), records, trim=True)
+    ds = windows(data_dir, "train", cfg, reader_of(cfg), records, trim=True, compact=compact)
     if isinstance(ds, keras.utils.PyDataset):
         return [ds[i][0] for i in range(min(batches, len(ds)))]
     return ds.take(batches).map(lambda features, label: features)
@@ -337,12 +371,13 @@ def quantize(
     reader = reader_of(cfg)
     records = _records(data_dir, reader)
     t0 = time.time()
-    sample = _codebook_sample(data_dir, cfg, records=records)
+    compact = compact_of(cfg, data_dir, model)
+    sample = _codebook_sample(data_dir, cfg, records=records, compact=compact)
     pq_model, fit_report = quantize_model(
         model, sample, num_subvectors, num_centroids, max_vectors, seed
     )
     t1 = time.time()
-    valid = windows(data_dir, "valid", cfg, reader, records, trim=True)
+    valid = windows(data_dir, "valid", cfg, reader, records, trim=True, compact=compact)
     recall = gsu_recall(model, pq_model, (f for f, _ in valid), recall_ks, recall_batches)
     log.info(
         "quantize: codebooks in %.1fs; GSU recall vs exact on %d validation examples: %s",
@@ -422,10 +457,14 @@ def evaluate(
     cfg = TrainConfig(batch_size=batch_size, max_len=max_len, history=history)
     reader = reader_of(cfg)
     records = _records(data_dir, reader)
-    ds = windows(data_dir, split, cfg, reader, records, include_meta=True, trim=True)
+    compact = compact_of(cfg, data_dir, model)
+    ds = windows(
+        data_dir, split, cfg, reader, records, include_meta=True, trim=True, compact=compact
+    )
     # Each positive is scored with its negatives: keep about 2 x batch_size rows a call.
     rank_cfg = dataclasses.replace(cfg, batch_size=max(1, 2 * batch_size // (num_negatives + 1)))
-    rank_ds = windows(data_dir, split, rank_cfg, reader, records, targets="positive", trim=True)
+    rank_ds = windows(data_dir, split, rank_cfg, reader, records, targets="positive", trim=True,
+                      compact=compact)  # fmt: skip
     t0 = time.time()
     report = evaluation.evaluate_ctr(predict, ds)
     log.info("evaluate: CTR metrics on %d examples in %.1fs", report["examples"], time.time() - t0)

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from seminar_tf import spec, testing  # noqa: E402
+from seminar_tf import spec, testing, training  # noqa: E402
 from seminar_tf.models import build_model  # noqa: E402
 from seminar_tf.models.factory import PRESETS  # noqa: E402
 
@@ -86,8 +86,7 @@ def _vocab(data_dir: str, kind: str) -> list:
 
 
 def _tables(data_dir: str) -> dict:
-    with np.load(os.path.join(data_dir, spec.TABLES_FILE)) as t:
-        return {k: t[k] for k in t.files}
+    return training.load_tables(data_dir)
 
 
 def _stored_users(data_dir: str) -> dict:

@@ -120,6 +120,7 @@ def make_dataset(
     drop_remainder: bool = False,
     trim: bool = False,
     bucket_by_length: bool = False,
+    compact: bool = False,
 ) -> tf.data.Dataset:
     """Batches of ``(features, label)``: features named as ``spec.MODEL_FEATURES``.
 
@@ -131,6 +132,8 @@ def make_dataset(
     work per epoch several times over.
 
     ``include_meta`` adds ``spec.META_FEATURES`` (user id for GAUC, timestamps) to the features.
+    ``compact`` yields compact inputs (``spec.COMPACT_DROPPED`` left out, int64 model features
+    as int32).
     """
     data_spec, max_len = check_window_options(data_dir, split, history, targets, max_len)
     split_id = spec.SPLIT_NAMES.index(split)
@@ -139,6 +142,10 @@ def make_dataset(
     keep = list(spec.MODEL_FEATURE_NAMES) + (
         [f.name for f in spec.META_FEATURES] if include_meta else []
     )
+    narrow = set()
+    if compact:
+        keep = [k for k in keep if k not in spec.COMPACT_DROPPED]
+        narrow = {f.name for f in spec.MODEL_FEATURES if f.dtype == "int64"}
 
     def per_record(serialized):
         record = tf.io.parse_single_example(serialized, record_spec)
@@ -162,7 +169,11 @@ def make_dataset(
     )
     ds = ds.flat_map(per_record)
     ds = ds.map(
-        lambda ex: ({k: ex[k] for k in keep}, ex["label"]), num_parallel_calls=tf.data.AUTOTUNE
+        lambda ex: (
+            {k: tf.cast(ex[k], tf.int32) if k in narrow else ex[k] for k in keep},
+            ex["label"],
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed)

@@ -153,9 +153,12 @@ def parse_record(serialized: bytes, where: str = "") -> dict:
 
 
 # ------------------------------------------------------------------------------ windows
-def cut_windows(record: dict, targets: np.ndarray, max_len: int, q: int, history: str) -> dict:
+def cut_windows(
+    record: dict, targets: np.ndarray, max_len: int, q: int, history: str, tokens: bool = True
+) -> dict:
     """Numpy twin of ``dataset.cut_windows``: the features of ``targets`` (positions in
-    ``record``), each ``[T, ...]``."""
+    ``record``), each ``[T, ...]``; ``tokens=False`` leaves ``hist_query_tokens`` out (the
+    largest of them: compact inputs do not use it)."""
     ts = record["timestamp"]
     targets = np.asarray(targets, np.int64)
     first_tie = np.searchsorted(ts, ts[targets], side="left").astype(np.int64)
@@ -172,7 +175,7 @@ def cut_windows(record: dict, targets: np.ndarray, max_len: int, q: int, history
         valid = slot >= 0
         idx = np.maximum(slot, 0)
     valid64 = valid.astype(np.int64)
-    tokens = record[spec.SEQ_QUERY_TOKENS].reshape(-1, q)
+    with_tokens, tokens = tokens, record[spec.SEQ_QUERY_TOKENS].reshape(-1, q)
 
     def hist(column):
         return column[idx] * valid64
@@ -189,13 +192,13 @@ def cut_windows(record: dict, targets: np.ndarray, max_len: int, q: int, history
         axis=1,
     ).astype(np.int64)
     n = len(targets)
-    return {
+    out = {
         "target_item": record["item"][targets],
         "target_query": record["query"][targets],
         "target_query_tokens": tokens[targets],
         "hist_item": hist(record["item"]),
         "hist_query": hist(record["query"]),
-        "hist_query_tokens": tokens[idx] * valid64[:, :, None],
+        "hist_query_tokens": tokens[idx] * valid64[:, :, None] if with_tokens else None,
         "hist_label": hist(record["label"]),
         "user": np.full(n, record["user"], np.int64),
         "user_counts": user_counts,
@@ -204,6 +207,9 @@ def cut_windows(record: dict, targets: np.ndarray, max_len: int, q: int, history
         "timestamp": ts[targets],
         "hist_timestamp": hist(ts),
     }
+    if not with_tokens:
+        del out["hist_query_tokens"]
+    return out
 
 
 def history_lengths(record: dict, targets: np.ndarray, max_len: int, history: str) -> np.ndarray:
@@ -290,7 +296,8 @@ class WindowDataset(keras.utils.PyDataset):
     groups targets of similar history length into batches (the batches' order shuffled with
     ``shuffle``) and, like ``trim``, cuts each batch's history to the smallest bucket width
     (a power of two, at least 8, or ``max_len``) that holds its longest row. ``drop_remainder``
-    drops the last partial batch (of each bucket). ``len()`` is the number of batches an epoch.
+    drops the last partial batch (of each bucket). ``compact`` yields compact inputs
+    (:func:`compact_features`). ``len()`` is the number of batches an epoch.
     """
 
     def __init__(
@@ -308,9 +315,11 @@ class WindowDataset(keras.utils.PyDataset):
         trim: bool = False,
         bucket_by_length: bool = False,
         records: list | None = None,
+        compact: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.compact = bool(compact)
         data_spec, max_len = check_window_options(data_dir, split, history, targets, max_len)
         self.records = records if records is not None else load_records(data_dir)
         self.index = select_targets(self.records, split, targets)
@@ -375,7 +384,7 @@ class WindowDataset(keras.utils.PyDataset):
         for r in np.unique(picked[:, 0]):
             at = np.flatnonzero(picked[:, 0] == r)
             parts.append(cut_windows(self.records[r], picked[at, 1], self.max_len, self.q,
-                                     self.history))  # fmt: skip
+                                     self.history, tokens=not self.compact))  # fmt: skip
             where.append(at)
         inverse = np.argsort(np.concatenate(where), kind="stable")
         return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
@@ -384,7 +393,9 @@ class WindowDataset(keras.utils.PyDataset):
         if i >= len(self.batches):
             raise IndexError(i)
         ex = self.examples(self.batches[i])
-        features = {k: ex[k] for k in self.keep}
+        features = {k: ex[k] for k in self.keep if k in ex}
+        if self.compact:
+            features = compact_features(features)
         if self.trim:
             n = int(np.count_nonzero(features["hist_item"], axis=1).max(initial=0))
             width = int(self.widths[np.searchsorted(self.widths, n, side="left")])
@@ -392,6 +403,19 @@ class WindowDataset(keras.utils.PyDataset):
                 if name in HIST_FEATURES:
                     features[name] = features[name][:, self.max_len - width :]
         return features, ex["label"]
+
+
+_INT64_MODEL_FEATURES = frozenset(f.name for f in spec.MODEL_FEATURES if f.dtype == "int64")
+
+
+def compact_features(features: dict) -> dict:
+    """Compact model inputs (``spec.COMPACT_DROPPED`` left out, int64 model features as
+    int32); meta features stay as they are."""
+    return {
+        k: v.astype(np.int32) if k in _INT64_MODEL_FEATURES else v
+        for k, v in features.items()
+        if k not in spec.COMPACT_DROPPED
+    }
 
 
 HIST_FEATURES = tuple(f.name for f in spec.MODEL_FEATURES + spec.META_FEATURES if "L" in f.shape)

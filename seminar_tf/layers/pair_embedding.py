@@ -22,8 +22,9 @@ _TABLE_LAYOUT = {
     "item_has_image": ("float32", "num_items", None, "image"),
     "query_text_vectors": ("float32", "num_queries", "query_text_dim", "query_text"),
     "query_has_text": ("float32", "num_queries", None, "query_text"),
+    "query_tokens": ("int32", "num_queries", "max_query_tokens", "query_token_table"),
 }
-assert set(_TABLE_LAYOUT) == set(spec.TABLE_ARRAYS)
+assert set(_TABLE_LAYOUT) == set(spec.TABLE_ARRAYS + spec.DERIVED_TABLE_ARRAYS)
 _PROJECT_FIRST_MAX_ROWS = 262_144
 
 
@@ -95,6 +96,11 @@ class MultiModalPairEmbedding(keras.layers.Layer):
             ``lookups x (dim x d + A x d)``, so it wins for the catalogs of a few hundred
             thousand items that a batch of long histories touches many times over. None
             (default) picks it for tables of <= 262,144 rows.
+        max_query_tokens: ``Q``, the token ids per query of the ``query_tokens`` table
+            (each query id's tokens): > 0 lets query ids alone stand for their tokens
+            (:meth:`encode` with ``query_tokens=None`` reads them from the table, and the
+            token embeddings are then averaged once per query row and gathered). 0 (default):
+            no table; query tokens come with the inputs only.
         request_num_attributes, request_max_attributes: for serving copies whose
             ``attribute_embeddings`` hold precomputed per-item vectors
             (``SeminarCTR.serving_model``): the vocabulary size and the per-item count ``A``
@@ -132,6 +138,7 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         embeddings_regularizer=None,
         tables: dict | None = None,
         project_tables_first: bool | None = None,
+        max_query_tokens: int = 0,
         request_num_attributes: int = 0,
         request_max_attributes: int = 0,
         **kwargs,
@@ -151,6 +158,7 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         self.text_dim = _check_int("text_dim", text_dim, 0)
         self.image_dim = _check_int("image_dim", image_dim, 0)
         self.query_text_dim = _check_int("query_text_dim", query_text_dim, 0)
+        self.max_query_tokens = _check_int("max_query_tokens", max_query_tokens, 0)
         self.request_num_attributes = _check_int(
             "request_num_attributes", request_num_attributes, 0
         )
@@ -179,6 +187,10 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         self.use_query = self.use_query_tokens or self.use_query_text
         enabled = {"attr": self.use_attributes, "text": self.text_dim > 0}
         enabled.update({"image": self.image_dim > 0, "query_text": self.use_query_text})
+        self.use_query_token_table = (
+            self.use_query_tokens and self.max_query_tokens > 0 and self.num_queries > 0
+        )
+        enabled["query_token_table"] = self.use_query_token_table
         self.table_names = tuple(n for n, lay in _TABLE_LAYOUT.items() if enabled[lay[3]])
         self._pending_tables = None
         if tables is not None:
@@ -282,11 +294,10 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                     f"Table `{name}` has shape {value.shape}, expected {expected} from the "
                     "layer configuration."
                 )
-            if name == "item_attributes" and value.size:
-                if value.min() < 0 or value.max() >= self.num_attributes:
-                    raise ValueError(
-                        f"Table `item_attributes` holds ids outside [0, {self.num_attributes})."
-                    )
+            bounds = {"item_attributes": self.num_attributes, "query_tokens": self.num_query_tokens}
+            if name in bounds and value.size:
+                if value.min() < 0 or value.max() >= bounds[name]:
+                    raise ValueError(f"Table `{name}` holds ids outside [0, {bounds[name]}).")
             out[name] = value.astype(_TABLE_LAYOUT[name][0])
         return out
 
@@ -378,13 +389,34 @@ class MultiModalPairEmbedding(keras.layers.Layer):
         vectors = ops.where(ops.expand_dims(given, -1), given_vectors, vectors)
         return vectors, ops.logical_or(given, present)
 
+    def query_tokens_of(self, query_ids):
+        """Token ids ``[..., Q]`` of query ids ``[...]`` from the ``query_tokens`` table."""
+        return self._take(self._tables["query_tokens"], ops.cast(query_ids, "int32"))
+
+    def query_token_vectors(self, query_ids):
+        """The query tokens' part of the ``"query"`` modality from query ids alone (the
+        ``query_tokens`` table, ``max_query_tokens`` > 0): ``(vectors [..., d], present bool
+        [...])``, equal to :meth:`encode`'s with each id's table row as ``query_tokens``."""
+        qids = ops.cast(query_ids, "int32")
+        rows = self._tables["query_tokens"]
+        if self._per_row(rows):
+            # Once per query row, then gathered: a history names the same queries many times.
+            row_mask = ops.not_equal(rows, 0)
+            per_row = _ops.masked_mean(self._take(self.query_token_embeddings, rows), row_mask, -1)
+            return self._take(per_row, qids), self._take(ops.any(row_mask, axis=-1), qids)
+        tokens = self._take(rows, qids)
+        mask = ops.not_equal(tokens, 0)
+        vectors = _ops.masked_mean(self._take(self.query_token_embeddings, tokens), mask, -1)
+        return vectors, ops.any(mask, axis=-1)
+
     def encode(self, item_ids, query_ids=None, query_tokens=None, attribute_ids=None):
         """Per-modality vectors and presence masks.
 
         Args:
             item_ids: int ``[...]`` item ids, 0 = padding.
             query_ids: optional int ``[...]`` query ids, 0 = no query.
-            query_tokens: optional int ``[..., Q]`` query token ids, 0 = padding.
+            query_tokens: optional int ``[..., Q]`` query token ids, 0 = padding; None with
+                a ``query_tokens`` table (``max_query_tokens`` > 0): each query id's row.
             attribute_ids: optional int ``[..., A]`` attribute ids given with the items (0 =
                 padding): where a row holds any non-zero id, its ids replace the item's
                 ``item_attributes`` row (see :meth:`attribute_vectors`); all-padding rows,
@@ -430,6 +462,10 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                     )
                 )
                 present_parts.append(ops.any(token_mask, axis=-1))
+            elif self.use_query_token_table and query_ids is not None:
+                parts_tokens = self.query_token_vectors(query_ids)
+                parts.append(parts_tokens[0])
+                present_parts.append(parts_tokens[1])
             if self.use_query_text and query_ids is not None:
                 qids = ops.cast(query_ids, "int32")
                 has = ops.logical_and(
@@ -560,6 +596,7 @@ class MultiModalPairEmbedding(keras.layers.Layer):
                 "query_text_dim": self.query_text_dim,
                 "query_weight": self.query_weight,
                 "project_tables_first": self.project_tables_first,
+                "max_query_tokens": self.max_query_tokens,
                 "request_num_attributes": self.request_num_attributes,
                 "request_max_attributes": self.request_max_attributes,
                 "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),

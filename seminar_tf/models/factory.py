@@ -36,6 +36,7 @@ _DATA_ARGS = (
     "text_dim",
     "image_dim",
     "query_text_dim",
+    "max_query_tokens",
 )
 
 

@@ -76,7 +76,9 @@ class PSU(keras.Model):
 
     Args:
         num_items, num_attributes, num_query_tokens, num_queries, max_attributes, text_dim,
-            image_dim, query_text_dim: data sizes (``spec.DataSpec``), see
+            image_dim, query_text_dim, max_query_tokens: data sizes (``spec.DataSpec``;
+            ``max_query_tokens`` > 0 gives the ``query_tokens`` table, so the history may
+            carry query ids without ``hist_query_tokens``), see
             :class:`MultiModalPairEmbedding`.
         embedding_dim: ``d``.
         num_heads: attention heads.
@@ -111,6 +113,7 @@ class PSU(keras.Model):
         text_dim: int = 0,
         image_dim: int = 0,
         query_text_dim: int = 0,
+        max_query_tokens: int = 0,
         embedding_dim: int = 64,
         num_heads: int = 4,
         query_weight: float = 0.5,
@@ -141,6 +144,7 @@ class PSU(keras.Model):
             text_dim=text_dim,
             image_dim=image_dim,
             query_text_dim=query_text_dim,
+            max_query_tokens=max_query_tokens,
             query_weight=query_weight,
             tables=tables,
             name="pair_embedding",
@@ -183,7 +187,7 @@ class PSU(keras.Model):
         target_pair = emb.fuse_pair(target_item_vector, query_vector, has_query)
 
         hist_mask = ops.not_equal(inputs["hist_item"], 0)
-        hist_pair = emb(inputs["hist_item"], inputs["hist_query"], inputs["hist_query_tokens"])
+        hist_pair = emb(inputs["hist_item"], inputs["hist_query"], inputs.get("hist_query_tokens"))
         last = last_valid(hist_pair, hist_mask)
         pooled, _ = self.attention(last + self.state_query, hist_pair, hist_mask)
         user_state = self.state_projection(ops.concatenate([pooled, last], axis=-1))
@@ -268,6 +272,7 @@ class PSU(keras.Model):
                 "text_dim": emb.text_dim,
                 "image_dim": emb.image_dim,
                 "query_text_dim": emb.query_text_dim,
+                "max_query_tokens": emb.max_query_tokens,
                 "embedding_dim": emb.embedding_dim,
                 "num_heads": self.num_heads,
                 "query_weight": emb.query_weight,

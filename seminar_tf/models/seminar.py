@@ -185,7 +185,9 @@ class SeminarCTR(keras.Model):
 
     Args:
         num_items, num_attributes, num_query_tokens, num_queries, max_attributes, text_dim,
-            image_dim, query_text_dim: data sizes (``spec.DataSpec``).
+            image_dim, query_text_dim, max_query_tokens: data sizes (``spec.DataSpec``;
+            ``max_query_tokens`` > 0 gives the ``query_tokens`` table, so the history may
+            carry query ids without ``hist_query_tokens``).
         embedding_dim: ``d`` (64 in SEMINAR).
         num_heads: heads of the ESU and of the ``"exact"`` GSU scorer (4 in SEMINAR).
         query_weight: ``lambda`` of the pair fusion.
@@ -254,6 +256,7 @@ class SeminarCTR(keras.Model):
         text_dim: int = 0,
         image_dim: int = 0,
         query_text_dim: int = 0,
+        max_query_tokens: int = 0,
         embedding_dim: int = 64,
         num_heads: int = 4,
         query_weight: float = 0.5,
@@ -355,6 +358,7 @@ class SeminarCTR(keras.Model):
             text_dim=text_dim,
             image_dim=image_dim,
             query_text_dim=query_text_dim,
+            max_query_tokens=max_query_tokens,
             query_weight=query_weight,
             tables=tables,
             request_num_attributes=request_num_attributes,
@@ -682,11 +686,22 @@ class SeminarCTR(keras.Model):
             inputs, mask, sg(indices), sg(kept_mask), t_vec, t_mask, target_pair, 1, training
         )
 
+    def _hist_tokens(self, inputs):
+        """``hist_query_tokens``, or None where the ``query_tokens`` table stands in for it."""
+        tokens = inputs.get("hist_query_tokens")
+        emb = self.pair_embedding
+        if tokens is None and emb.use_query_tokens and not emb.use_query_token_table:
+            raise ValueError(
+                "`hist_query_tokens` is missing: this model has no `query_tokens` table "
+                "(max_query_tokens=0), so the history must carry its query tokens."
+            )
+        return tokens
+
     def _encode_history(self, inputs) -> tuple:
         """``(mask [B, L], vectors, masks, fusion weights)`` of the whole history."""
         emb = self.pair_embedding
         hist_item = inputs["hist_item"]
-        h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+        h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], self._hist_tokens(inputs))
         return ops.not_equal(hist_item, 0), h_vec, h_mask, emb.fusion_weights(h_mask)
 
     def _second_stage(
@@ -929,7 +944,7 @@ class SeminarCTR(keras.Model):
                 gsu_target, gsu_target, mask, key_parts=extra, key_weights=weights
             )
         else:
-            h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], inputs["hist_query_tokens"])
+            h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], self._hist_tokens(inputs))
             weights = emb.fusion_weights(h_mask)
             gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
                 t_vec, t_mask, target_pair, h_vec, h_mask, weights
@@ -948,7 +963,7 @@ class SeminarCTR(keras.Model):
             if hist_pair is None:
                 if h_vec is None:  # scored from codes: the vectors are needed here only
                     h_vec, h_mask = emb.encode(
-                        hist_item, inputs["hist_query"], inputs["hist_query_tokens"]
+                        hist_item, inputs["hist_query"], self._hist_tokens(inputs)
                     )
                     weights = emb.fusion_weights(h_mask)
                 hist_pair = emb.fuse(h_vec, h_mask, weights)
@@ -971,7 +986,7 @@ class SeminarCTR(keras.Model):
         quantizes (``seminar_tf.quantization`` fits its codebooks on them)."""
         emb = self.pair_embedding
         h_vec, h_mask = emb.encode(
-            inputs["hist_item"], inputs["hist_query"], inputs["hist_query_tokens"]
+            inputs["hist_item"], inputs["hist_query"], self._hist_tokens(inputs)
         )
         return self._project_gsu(h_vec), h_mask
 
@@ -1004,10 +1019,15 @@ class SeminarCTR(keras.Model):
                 keep = ops.expand_dims(keep, -1)
             return value * keep
 
+        emb, tokens = self.pair_embedding, self._hist_tokens(inputs)
         return {
             "kept_item": take(inputs["hist_item"]),
             "kept_query": take(inputs["hist_query"]),
-            "kept_query_tokens": take(inputs["hist_query_tokens"]),
+            "kept_query_tokens": (
+                take(tokens)
+                if tokens is not None
+                else emb.query_tokens_of(take(inputs["hist_query"]))
+            ),
             "kept_label": take(inputs["hist_label"]),
             "kept_score": ops.where(kept, ops.cast(retrieved["scores"], "float32"), 0.0),
         }
@@ -1134,6 +1154,7 @@ class SeminarCTR(keras.Model):
                 "text_dim": emb.text_dim,
                 "image_dim": emb.image_dim,
                 "query_text_dim": emb.query_text_dim,
+                "max_query_tokens": emb.max_query_tokens,
                 "embedding_dim": emb.embedding_dim,
                 "num_heads": self.num_heads,
                 "query_weight": emb.query_weight,
