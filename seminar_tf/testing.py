@@ -338,3 +338,29 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
         ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
         i = j + 1
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def loss_and_gradients(model, inputs: dict, labels) -> tuple[float, list]:
+    """The binary cross-entropy of ``model(inputs, training=True)`` against ``labels`` and
+    its gradient for each trainable variable (numpy), on the TensorFlow or JAX backend: what
+    tests compare between two graphs or two input layouts of one model."""
+    import keras
+
+    variables = model.trainable_variables
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = keras.losses.binary_crossentropy(labels, model(inputs, training=True))
+        grads = tape.gradient(loss, variables)
+        return float(loss), [np.asarray(tf.convert_to_tensor(g)) for g in grads]
+    import jax
+
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(values):
+        p, _ = model.stateless_call(values, fixed, inputs, training=True)
+        return keras.losses.binary_crossentropy(labels, p)
+
+    loss, grads = jax.value_and_grad(loss_fn)([v.value for v in variables])
+    return float(loss), [np.asarray(g) for g in grads]

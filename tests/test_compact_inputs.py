@@ -91,27 +91,6 @@ compact = {k: v.astype("int32") for k, v in x.items() if k != "hist_query_tokens
 assert any((x["hist_query_tokens"] != 0).ravel())
 
 
-def loss_and_gradients(model, inputs):
-    variables = model.trainable_variables
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = keras.losses.binary_crossentropy(y, model(inputs, training=True))
-        return float(loss), [np.asarray(tf.convert_to_tensor(g))
-                             for g in tape.gradient(loss, variables)]
-    import jax
-
-    fixed = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(values):
-        p, _ = model.stateless_call(values, fixed, inputs, training=True)
-        return keras.losses.binary_crossentropy(y, p)
-
-    loss, grads = jax.value_and_grad(loss_fn)([v.value for v in variables])
-    return float(loss), [np.asarray(g) for g in grads]
-
-
 configs = [{"preset": "seminar", "reembed_kept": True}, {"preset": "seminar", "reembed_kept": False},
            {"preset": "sim"}, {"preset": "din"}, {"preset": "full_attention"}]
 for config in configs:
@@ -123,7 +102,8 @@ for config in configs:
         v.assign(np.asarray(v.value) + rng.normal(0, 0.1, v.shape).astype("float32"))
     np.testing.assert_allclose(np.asarray(model.predict(compact, verbose=0)),
                                np.asarray(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-6)
-    (l1, g1), (l2, g2) = loss_and_gradients(model, compact), loss_and_gradients(model, x)
+    l1, g1 = testing.loss_and_gradients(model, compact, y)
+    l2, g2 = testing.loss_and_gradients(model, x, y)
     assert abs(l1 - l2) < 1e-5, (config, l1, l2)
     for v, a, b in zip(model.trainable_variables, g1, g2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=f"{config} {v.path}")

@@ -347,27 +347,6 @@ tables = testing.make_tables(ds)
 x, y = testing.make_batch(ds, 24, seed=5, min_history=0, padding="mixed")
 
 
-def loss_and_gradients(model):
-    variables = model.trainable_variables
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        with tf.GradientTape() as tape:
-            loss = keras.losses.binary_crossentropy(y, model(x, training=True))
-        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
-        return float(loss), [np.asarray(g) for g in grads]
-    import jax
-
-    fixed = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(values):
-        p, _ = model.stateless_call(values, fixed, x, training=True)
-        return keras.losses.binary_crossentropy(y, p)
-
-    loss, grads = jax.value_and_grad(loss_fn)([v.value for v in variables])
-    return float(loss), [np.asarray(g) for g in grads]
-
-
 configs = [{"search": "exact"}, {"search": "exact", "gsu_projections": False},
            {"search": "soft"}, {"search": "simhash"}, {"search": "recent", "short_term_len": 0}]
 for config in configs:
@@ -379,7 +358,7 @@ for config in configs:
     for v in cheap.trainable_variables:
         v.assign(np.asarray(v.value) + rng.normal(0, 0.1, v.shape).astype("float32"))
     full.set_weights(cheap.get_weights())
-    (l1, g1), (l2, g2) = loss_and_gradients(cheap), loss_and_gradients(full)
+    (l1, g1), (l2, g2) = testing.loss_and_gradients(cheap, x, y), testing.loss_and_gradients(full, x, y)
     assert abs(l1 - l2) < 1e-5, (config, l1, l2)
     names = [v.path for v in cheap.trainable_variables]
     for name, a, b in zip(names, g1, g2):
