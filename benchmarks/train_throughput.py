@@ -99,7 +99,7 @@ def synthetic_rows(lengths, batches, steps, repeats, num_items=20_000) -> list:
         tables = testing.make_tables(ds)
         x, y = testing.make_batch(ds, batch * steps, seed=1, min_history=length, padding="left")
         # Compact inputs: int32 ids, and no per-behaviour query tokens (the model's
-        # query_tokens table gives them from the query ids): 16 bytes a behaviour, not 56.
+        # query_tokens table gives them from the query ids): 12 bytes a behaviour (3 x int32), not 56 (7 x int64).
         compact = {k: v.astype(np.int32) for k, v in x.items() if k != "hist_query_tokens"}
         variants = {**VARIANTS, COMPACT: VARIANTS["reembed kept"]}
         on_device = None

@@ -181,7 +181,8 @@ USER_HASH = "farmhash_fingerprint64"
 
 # Compact model inputs (``TrainConfig.compact_inputs``): the history without these features
 # (the model's ``query_tokens`` table gives them from ``hist_query``) and every id as int32:
-# 16 bytes a behaviour instead of 56 (8 with Q = 4 tokens: item, query, 4 tokens, label).
+# 12 bytes a behaviour (item, query, label as int32) instead of 56 (item, query, 4 tokens and
+# label as int64, Q = 4).
 COMPACT_DROPPED = ("hist_query_tokens",)
 
 
