@@ -184,6 +184,8 @@ USER_HASH = "farmhash_fingerprint64"
 # 12 bytes a behaviour (item, query, label as int32) instead of 56 (item, query, 4 tokens and
 # label as int64, Q = 4).
 COMPACT_DROPPED = ("hist_query_tokens",)
+# The model features that compact inputs narrow from int64 to int32.
+COMPACT_INT32 = frozenset(f.name for f in MODEL_FEATURES if f.dtype == "int64")
 
 
 def compact_inputs_exact(data_spec: DataSpec) -> bool:

@@ -145,7 +145,7 @@ def make_dataset(
     narrow = set()
     if compact:
         keep = [k for k in keep if k not in spec.COMPACT_DROPPED]
-        narrow = {f.name for f in spec.MODEL_FEATURES if f.dtype == "int64"}
+        narrow = spec.COMPACT_INT32
 
     def per_record(serialized):
         record = tf.io.parse_single_example(serialized, record_spec)

@@ -405,14 +405,11 @@ class WindowDataset(keras.utils.PyDataset):
         return features, ex["label"]
 
 
-_INT64_MODEL_FEATURES = frozenset(f.name for f in spec.MODEL_FEATURES if f.dtype == "int64")
-
-
 def compact_features(features: dict) -> dict:
     """Compact model inputs (``spec.COMPACT_DROPPED`` left out, int64 model features as
     int32); meta features stay as they are."""
     return {
-        k: v.astype(np.int32) if k in _INT64_MODEL_FEATURES else v
+        k: v.astype(np.int32) if k in spec.COMPACT_INT32 else v
         for k, v in features.items()
         if k not in spec.COMPACT_DROPPED
     }
