@@ -136,13 +136,13 @@ def windows(data_dir: str, split: str, cfg: TrainConfig, reader: str, records=No
 
 
 def _records(data_dir: str, reader: str):
-    """The numpy reader's parsed records, loaded once per command and shared by its splits
-    (None for tf.data)."""
+    """The numpy reader's events (``numpy_reader.EventTable``), loaded once per command and
+    shared by its splits (None for tf.data)."""
     if reader != "numpy":
         return None
-    from seminar_tf.data.numpy_reader import load_records
+    from seminar_tf.data.numpy_reader import EventTable, load_records
 
-    return load_records(data_dir)
+    return EventTable(load_records(data_dir), spec.DataSpec.load(data_dir).max_query_tokens)
 
 
 def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool = False):
@@ -165,7 +165,7 @@ def _datasets(data_dir, cfg: TrainConfig, positives: bool, drop_remainder: bool 
             f"{os.path.join(data_dir, spec.REJECTED_DIR)}/)"
         )
     if reader == "numpy":  # a PyDataset knows its epoch
-        log.info("input: numpy reader (%d records, no TensorFlow)", len(records))
+        log.info("input: numpy reader (%d records, no TensorFlow)", len(records.records))
         return train, (valid if len(valid) else None), cfg.steps_per_epoch, cfg.validation_steps
     steps = cfg.steps_per_epoch or math.ceil(n_train / cfg.batch_size)
     vsteps = cfg.validation_steps or max(1, math.ceil(n_valid / cfg.batch_size))
@@ -297,7 +297,7 @@ def train(
                 _codebook_sample(
                     data_dir,
                     cfg,
-                    records=getattr(train_ds, "records", None),
+                    records=getattr(train_ds, "events", None),
                     compact=compact_of(cfg, data_dir),
                 )  # fmt: skip
             )

@@ -395,3 +395,24 @@ def test_numpy_batches_bucket_trim_shuffle_and_keep_every_example(small_run):
     dropped = WindowDataset(out, "train", batch_size=5, drop_remainder=True)
     assert all(len(dropped[i][1]) == 5 for i in range(len(dropped)))
     assert len(dropped) == plain.num_targets // 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bucket_batches_pool_remainders_into_full_batches(seed):
+    from seminar_tf.data.numpy_reader import bucket_batches
+
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(1000)
+    bucket = rng.choice(6, size=1000, p=[0.3, 0.25, 0.2, 0.1, 0.1, 0.05])
+    batches = bucket_batches(rows, bucket, 64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))  # each row once
+    assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1)
+    assert len(batches) == -(-1000 // 64)
+    by_row = dict(zip(rows.tolist(), bucket.tolist()))
+    mixed = [b for b in batches if len({by_row[r] for r in b.tolist()}) > 1]
+    # Only pooled remainders mix buckets: fewer than one remainder per bucket.
+    assert sum(len(b) for b in mixed) < 6 * 64
+    # Within a bucket, rows keep their given (shuffled) order.
+    for k in range(6):
+        seen = [r for b in batches for r in b.tolist() if by_row[r] == k]
+        assert seen == [r for r in rows.tolist() if by_row[r] == k]

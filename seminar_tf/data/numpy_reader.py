@@ -153,72 +153,99 @@ def parse_record(serialized: bytes, where: str = "") -> dict:
 
 
 # ------------------------------------------------------------------------------ windows
-def cut_windows(
-    record: dict, targets: np.ndarray, max_len: int, q: int, history: str, tokens: bool = True
-) -> dict:
-    """Numpy twin of ``dataset.cut_windows``: the features of ``targets`` (positions in
-    ``record``), each ``[T, ...]``; ``tokens=False`` leaves ``hist_query_tokens`` out (the
-    largest of them: compact inputs do not use it)."""
-    ts = record["timestamp"]
-    targets = np.asarray(targets, np.int64)
-    first_tie = np.searchsorted(ts, ts[targets], side="left").astype(np.int64)
-    offsets = np.arange(max_len, dtype=np.int64) - max_len
-    if history == "positive":
-        positives = np.flatnonzero(record["label"] > 0)
-        n_before = np.searchsorted(positives, first_tie, side="left").astype(np.int64)
-        slot = n_before[:, None] + offsets[None, :]
-        valid = slot >= 0
-        padded = np.concatenate([[0], positives]).astype(np.int64)
-        idx = padded[np.where(valid, slot + 1, 0)]
-    else:
-        slot = first_tie[:, None] + offsets[None, :]
-        valid = slot >= 0
-        idx = np.maximum(slot, 0)
-    valid64 = valid.astype(np.int64)
-    with_tokens, tokens = tokens, record[spec.SEQ_QUERY_TOKENS].reshape(-1, q)
-
-    def hist(column):
-        return column[idx] * valid64
-
-    clicks_cum = np.concatenate([[0], np.cumsum(record["label"] > 0)]).astype(np.int64)
-    last = ts[np.maximum(first_tie - 1, 0)]
-    gap = np.where(first_tie > 0, ts[targets] - last, 0)
-    user_counts = np.stack(
-        [
-            record["events_before"] + first_tie,
-            record["clicks_before"] + clicks_cum[first_tie],
-            gap,
-        ],
-        axis=1,
-    ).astype(np.int64)
-    n = len(targets)
-    out = {
-        "target_item": record["item"][targets],
-        "target_query": record["query"][targets],
-        "target_query_tokens": tokens[targets],
-        "hist_item": hist(record["item"]),
-        "hist_query": hist(record["query"]),
-        "hist_query_tokens": tokens[idx] * valid64[:, :, None] if with_tokens else None,
-        "hist_label": hist(record["label"]),
-        "user": np.full(n, record["user"], np.int64),
-        "user_counts": user_counts,
-        "label": record["label"][targets].astype(np.float32),
-        "user_id": np.array([record["user_id"]] * n, dtype=object),
-        "timestamp": ts[targets],
-        "hist_timestamp": hist(ts),
-    }
-    if not with_tokens:
-        del out["hist_query_tokens"]
-    return out
+def _concat(parts, dtype=np.int64, width=None):
+    if parts:
+        return np.concatenate(parts).astype(dtype, copy=False)
+    return np.zeros((0,) if width is None else (0, width), dtype)
 
 
-def history_lengths(record: dict, targets: np.ndarray, max_len: int, history: str) -> np.ndarray:
-    """How many real behaviours each target's window holds (for bucketing, without cutting)."""
-    ts = record["timestamp"]
-    first_tie = np.searchsorted(ts, ts[targets], side="left")
-    if history == "positive":
-        first_tie = np.searchsorted(np.flatnonzero(record["label"] > 0), first_tie, side="left")
-    return np.minimum(first_tie, max_len)
+class EventTable:
+    """Every record's events in flat arrays, so that the windows of any batch of targets are
+    cut by a few gathers, whatever records the targets come from.
+
+    Per event it keeps the record-local index of the first event tied with its timestamp
+    (a window holds only strictly earlier events) and the clicks before that tie; per record
+    the user and the counts of the events that came before its chunk. A target is a
+    ``(record, position)`` pair; ``windows`` gives the numpy twin of ``dataset.cut_windows``.
+    """
+
+    def __init__(self, records: list, q: int):
+        self.records, self.q = records, q
+        sizes = np.array([len(r["item"]) for r in records], np.int64)
+        self.start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        for name in ("item", "query", "label", "timestamp"):
+            setattr(self, name, _concat([r[name] for r in records]))
+        self.tokens = _concat([r[spec.SEQ_QUERY_TOKENS].reshape(-1, q) for r in records], width=q)
+        self.user = np.array([r["user"] for r in records], np.int64)
+        self.user_id = np.array([r["user_id"] for r in records], dtype=object)
+        self.events_before = np.array([r["events_before"] for r in records], np.int64)
+        self.clicks_before = np.array([r["clicks_before"] for r in records], np.int64)
+        self.first_tie = _concat(
+            [np.searchsorted(r["timestamp"], r["timestamp"], side="left") for r in records]
+        )
+        clicks = self.label > 0
+        prior = _concat([np.concatenate([[0], np.cumsum(r["label"] > 0)[:-1]]) for r in records])
+        self.clicks_at_tie = prior[
+            self._at(np.repeat(np.arange(len(records)), sizes), self.first_tie)
+        ]
+        # Global indices of the clicks (record after record), and where each record's start.
+        self.positives = np.concatenate([[0], np.flatnonzero(clicks)]).astype(np.int64)
+        counts = np.array([int(np.count_nonzero(r["label"] > 0)) for r in records], np.int64)
+        self.positive_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+    def _at(self, record, position):
+        return self.start[record] + position
+
+    def lengths(self, targets: np.ndarray, max_len: int, history: str) -> np.ndarray:
+        """``[T]``: the real behaviours in each target's window (``targets``: ``[T, 2]``)."""
+        g = self._at(targets[:, 0], targets[:, 1])
+        before = self.clicks_at_tie[g] if history == "positive" else self.first_tie[g]
+        return np.minimum(before, max_len)
+
+    def windows(self, targets: np.ndarray, width: int, history: str, tokens: bool = True) -> dict:
+        """The features of ``targets`` (``[T, 2]`` record, position), each ``[T, ...]``, with
+        the ``width`` most recent history slots (the window's last ``width`` columns: pass
+        ``max_len``, or a width that holds every target's history). ``tokens=False`` leaves
+        ``hist_query_tokens`` out (the largest of them: compact inputs do not use it)."""
+        r, g = targets[:, 0], self._at(targets[:, 0], targets[:, 1])
+        ft = self.first_tie[g]
+        offsets = np.arange(width, dtype=np.int64) - width
+        if history == "positive":
+            slot = self.clicks_at_tie[g][:, None] + offsets[None, :]
+            valid = slot >= 0
+            idx = self.positives[np.where(valid, self.positive_start[r][:, None] + slot + 1, 0)]
+        else:
+            slot = ft[:, None] + offsets[None, :]
+            valid = slot >= 0
+            idx = self.start[r][:, None] + np.maximum(slot, 0)
+        valid64 = valid.astype(np.int64)
+
+        def hist(column):
+            return column[idx] * valid64
+
+        ts = self.timestamp
+        gap = np.where(ft > 0, ts[g] - ts[self._at(r, np.maximum(ft - 1, 0))], 0)
+        user_counts = np.stack(
+            [self.events_before[r] + ft, self.clicks_before[r] + self.clicks_at_tie[g], gap],
+            axis=1,
+        ).astype(np.int64)
+        out = {
+            "target_item": self.item[g],
+            "target_query": self.query[g],
+            "target_query_tokens": self.tokens[g],
+            "hist_item": hist(self.item),
+            "hist_query": hist(self.query),
+            "hist_label": hist(self.label),
+            "user": self.user[r],
+            "user_counts": user_counts,
+            "label": self.label[g].astype(np.float32),
+            "user_id": self.user_id[r],
+            "timestamp": ts[g],
+            "hist_timestamp": hist(ts),
+        }
+        if tokens:
+            out["hist_query_tokens"] = self.tokens[idx] * valid64[:, :, None]
+        return out
 
 
 def example_files(data_dir: str) -> list[str]:
@@ -287,6 +314,25 @@ def bucket_widths(max_len: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ batches
+def bucket_batches(rows: np.ndarray, bucket: np.ndarray, batch_size: int) -> list:
+    """``rows`` (in their order) cut into batches of one length bucket each, except that the
+    buckets' remainders are pooled (in bucket order) into shared batches.
+
+    Every batch but the last then holds ``batch_size`` rows, so an epoch has at most one
+    batch shape per bucket width plus one partial batch: a compiled step (XLA under JAX) is
+    built once per shape, and a remainder per bucket doubled the shapes. A pooled batch is
+    trimmed to its longest member like any other, so no row loses history.
+    """
+    batches, left = [], []
+    for k in np.unique(bucket):
+        members = rows[bucket == k]
+        full = len(members) - len(members) % batch_size
+        batches += [members[i : i + batch_size] for i in range(0, full, batch_size)]
+        left.append(members[full:])
+    pooled = np.concatenate(left) if left else rows[:0]
+    return batches + [pooled[i : i + batch_size] for i in range(0, len(pooled), batch_size)]
+
+
 class WindowDataset(keras.utils.PyDataset):
     """Batches ``(features, label)`` of one split, as ``dataset.make_dataset`` yields them,
     without TensorFlow: features named as ``spec.MODEL_FEATURES`` (plus
@@ -294,10 +340,13 @@ class WindowDataset(keras.utils.PyDataset):
 
     ``shuffle`` reorders the targets every epoch (``seed`` + epoch); ``bucket_by_length``
     groups targets of similar history length into batches (the batches' order shuffled with
-    ``shuffle``) and, like ``trim``, cuts each batch's history to the smallest bucket width
-    (a power of two, at least 8, or ``max_len``) that holds its longest row. ``drop_remainder``
-    drops the last partial batch (of each bucket). ``compact`` yields compact inputs
-    (:func:`compact_features`). ``len()`` is the number of batches an epoch.
+    ``shuffle``; the buckets' remainders pooled, see :func:`bucket_batches`) and, like
+    ``trim``, cuts each batch's history to the smallest bucket width (a power of two, at
+    least 8, or ``max_len``) that holds its longest row. ``drop_remainder`` drops the last
+    partial batch. ``compact`` yields compact inputs (:func:`compact_features`).
+    ``records``: the output's parsed records (:func:`load_records`), or an
+    :class:`EventTable` of them to share between splits. ``len()`` is the number of batches
+    an epoch.
     """
 
     def __init__(
@@ -314,14 +363,21 @@ class WindowDataset(keras.utils.PyDataset):
         drop_remainder: bool = False,
         trim: bool = False,
         bucket_by_length: bool = False,
-        records: list | None = None,
+        records: list | EventTable | None = None,
         compact: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.compact = bool(compact)
         data_spec, max_len = check_window_options(data_dir, split, history, targets, max_len)
-        self.records = records if records is not None else load_records(data_dir)
+        if isinstance(records, EventTable) and records.q != data_spec.max_query_tokens:
+            raise ValueError("records: an EventTable of another preprocessing output")
+        if not isinstance(records, EventTable):
+            records = EventTable(
+                load_records(data_dir) if records is None else records,
+                data_spec.max_query_tokens,
+            )
+        self.events, self.records = records, records.records
         self.index = select_targets(self.records, split, targets)
         self.batch_size, self.max_len, self.history = batch_size, max_len, history
         self.q = data_spec.max_query_tokens
@@ -332,17 +388,7 @@ class WindowDataset(keras.utils.PyDataset):
             [f.name for f in spec.META_FEATURES] if include_meta else []
         )
         self.widths = np.asarray(bucket_widths(max_len))
-        self._lengths = None
-        if bucket_by_length:
-            self._lengths = np.zeros(len(self.index), np.int64)
-            # One pass over the targets grouped by record (not a scan of all per record).
-            order = np.argsort(self.index[:, 0], kind="stable")
-            starts = np.flatnonzero(np.diff(self.index[order, 0], prepend=-1))
-            for rows in np.split(order, starts[1:]) if len(order) else []:
-                r = self.index[rows[0], 0]
-                self._lengths[rows] = history_lengths(
-                    self.records[r], self.index[rows, 1], max_len, history
-                )
+        self._lengths = self.events.lengths(self.index, max_len, history)
         self._plan()
 
     @property
@@ -356,12 +402,9 @@ class WindowDataset(keras.utils.PyDataset):
         if self.shuffle:
             order = rng.permutation(order)
         b = self.batch_size
-        if self._lengths is not None:
+        if self.bucket_by_length:
             bucket = np.searchsorted(self.widths, self._lengths[order], side="left")
-            batches = []
-            for k in np.unique(bucket):
-                rows = order[bucket == k]
-                batches += [rows[i : i + b] for i in range(0, len(rows), b)]
+            batches = bucket_batches(order, bucket, b)
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
         else:
@@ -377,31 +420,29 @@ class WindowDataset(keras.utils.PyDataset):
         self.epoch += 1
         self._plan()
 
-    def examples(self, rows) -> dict:
-        """The windows of ``self.index[rows]``, in that order, as one dict of arrays."""
-        picked = self.index[rows]
-        parts, where = [], []
-        for r in np.unique(picked[:, 0]):
-            at = np.flatnonzero(picked[:, 0] == r)
-            parts.append(cut_windows(self.records[r], picked[at, 1], self.max_len, self.q,
-                                     self.history, tokens=not self.compact))  # fmt: skip
-            where.append(at)
-        inverse = np.argsort(np.concatenate(where), kind="stable")
-        return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+    def width(self, rows) -> int:
+        """History width of a batch of ``rows``: ``max_len``, or trimmed to the smallest bucket
+        width that holds its longest window."""
+        if not self.trim:
+            return self.max_len
+        longest = int(self._lengths[rows].max(initial=0))
+        return int(self.widths[np.searchsorted(self.widths, longest, side="left")])
+
+    def examples(self, rows, width: int | None = None) -> dict:
+        """The windows of ``self.index[rows]``, in that order, as one dict of arrays, with
+        ``width`` history slots (default ``max_len``)."""
+        return self.events.windows(
+            self.index[rows], width or self.max_len, self.history, tokens=not self.compact
+        )
 
     def __getitem__(self, i):
         if i >= len(self.batches):
             raise IndexError(i)
-        ex = self.examples(self.batches[i])
+        rows = self.batches[i]
+        ex = self.examples(rows, self.width(rows))
         features = {k: ex[k] for k in self.keep if k in ex}
         if self.compact:
             features = compact_features(features)
-        if self.trim:
-            n = int(np.count_nonzero(features["hist_item"], axis=1).max(initial=0))
-            width = int(self.widths[np.searchsorted(self.widths, n, side="left")])
-            for name in features:
-                if name in HIST_FEATURES:
-                    features[name] = features[name][:, self.max_len - width :]
         return features, ex["label"]
 
 
