@@ -82,16 +82,17 @@ def _features(batch):
 
 
 def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
-    """The per-modality GSU vectors of the histories in ``dataset`` (batches of model
-    features, or ``(features, label)``), read until every modality has ``max_vectors``
+    """The coded GSU vectors (``model.pq_vectors``: per modality, per side or fused, as the
+    ``"pq"`` scorer's layout says) of the histories in ``dataset`` (batches of model
+    features, or ``(features, label)``), read until every one has ``max_vectors``
     behaviours or the data ends; padding and absent modalities are left out.
 
-    Returns ``{modality: (vectors [N_m, d], counts [N_m])}``: the distinct vectors and how
+    Returns ``{group: (vectors [N_g, d], counts [N_g])}``: the distinct vectors and how
     many behaviours had each (a history repeats items and queries)."""
     found: dict[str, list] = {}
     counts: dict[str, int] = {}
     for batch in dataset:
-        parts, masks = model.gsu_parts(_features(batch))
+        parts, masks = model.pq_vectors(_features(batch))
         for m, vectors in parts.items():
             present = np.asarray(keras.ops.convert_to_numpy(masks[m]), bool)
             v = np.asarray(keras.ops.convert_to_numpy(vectors), np.float32)[present]
@@ -107,33 +108,40 @@ def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
     return out
 
 
-def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> dict:
-    """Fits the codebooks of a ``search="pq"`` model's scorer by k-means on its GSU vectors
-    (:func:`collect_gsu_vectors`, each distinct vector weighted by how many behaviours had
-    it) and assigns them.
+def fit_codebooks(
+    model, dataset, max_vectors: int = 200_000, seed: int = 0, rotation: bool = False
+) -> dict:
+    """Fits the codebooks of a ``search="pq"`` model's scorer by k-means on its coded GSU
+    vectors (:func:`collect_gsu_vectors`, each distinct vector weighted by how many behaviours
+    had it) and assigns them; with ``rotation``, first an OPQ rotation per coded vector
+    (faiss ``OPQMatrix``), which balances the variance across sub-vectors.
 
-    Returns ``{modality: {"vectors": behaviours, "distinct": N, "relative_error":
+    Returns ``{group: {"vectors": behaviours, "distinct": N, "relative_error":
     sum ||x - q(x)||^2 / sum ||x||^2}}``, the error weighted by behaviours over (at most
-    20,000 of the most frequent) distinct vectors it was fitted on. A modality
-    with no vector in the data keeps zero codebooks (and its behaviours score 0 on it).
+    20,000 of the most frequent) distinct vectors it was fitted on. A group with no vector
+    in the data keeps zero codebooks (and its behaviours score 0 on it).
     """
     scorer = _pq_scorer(model)
     t0 = time.time()
     vectors = collect_gsu_vectors(model, dataset, max_vectors)
     s, c = scorer.num_subvectors, scorer.num_centroids
     books = np.array(keras.ops.convert_to_numpy(scorer.codebooks), np.float32)
+    rotations = np.array(keras.ops.convert_to_numpy(scorer.rotations), np.float32)
     e = books.shape[-1]
     report = {}
-    for i, m in enumerate(scorer.modalities):
+    for i, m in enumerate(scorer.group_names):
         if m not in vectors:
             report[m] = {"vectors": 0, "distinct": 0, "relative_error": None}
             continue
         x, w = vectors[m]
-        sub = x.reshape(len(x), s, e)
+        if rotation:
+            rotations[i] = opq_rotation(x, w, s, seed=seed + i)
+        sub = (x @ rotations[i]).reshape(len(x), s, e)
         for j in range(s):
             books[i, j] = kmeans(sub[:, j], c, seed=seed + 1000 * i + j, weights=w)
         err = _quantization_error(sub, books[i], w)
         report[m] = {"vectors": int(w.sum()), "distinct": int(len(x)), "relative_error": err}
+    scorer.set_rotations(rotations)
     scorer.set_codebooks(books)
     log.info(
         "quantize: codebooks %s fitted in %.1fs (%s)",
@@ -146,6 +154,84 @@ def fit_codebooks(model, dataset, max_vectors: int = 200_000, seed: int = 0) -> 
         ),
     )
     return report
+
+
+def opq_rotation(
+    x: np.ndarray, weights: np.ndarray, num_subvectors: int, seed: int = 0, limit: int = 50_000
+) -> np.ndarray:
+    """An orthogonal ``R`` ``[d, d]`` learned by faiss's OPQ for ``num_subvectors`` sub-
+    vectors on the rows of ``x`` ``[N, d]`` (at most ``limit``, drawn by ``weights``), to be
+    applied as ``x @ R``. Identity when there are too few rows to learn from."""
+    d = x.shape[1]
+    import faiss
+
+    if len(x) < 2 * num_subvectors or d % num_subvectors:
+        return np.eye(d, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    if len(x) > limit:
+        x = x[rng.choice(len(x), limit, replace=True, p=weights / weights.sum())]
+    opq = faiss.OPQMatrix(d, num_subvectors)
+    opq.niter, opq.verbose = 20, False
+    # OPQ alternates with a PQ of 2^bits centroids per sub-vector: fewer bits on few rows
+    # (``pq`` stays referenced here while faiss uses it).
+    pq = faiss.ProductQuantizer(d, num_subvectors, int(min(8, max(1, np.log2(len(x)) - 2))))
+    opq.pq = pq
+    opq.train(np.ascontiguousarray(x, np.float32))
+    a = faiss.vector_to_array(opq.A).reshape(d, d)  # faiss applies y = A x
+    del pq
+    return np.ascontiguousarray(a.T, np.float32)
+
+
+def code_tables(model, batch_size: int = 4096) -> dict:
+    """The codes of every catalog item's item side and of every query, for a ``"pq"`` model
+    with ``layout="sides"``: ``{"item": int32 [num_items, S], "query": int32 [num_queries,
+    S]}`` (-1 in row 0, the padding / no-query id). A stored behaviour is then its item id and query id,
+    and :func:`codes_from_tables` rebuilds its codes: the item side depends on the item alone
+    and the query side on the query alone."""
+    scorer = _pq_scorer(model)
+    if scorer.layout != "sides":
+        raise ValueError(
+            f"code tables need the pq layout 'sides' (item and query codes), not {scorer.layout!r}"
+        )
+    from seminar_tf import spec
+
+    emb = model.pair_embedding
+    sizes = {"item": emb.num_items, "query": emb.num_queries if emb.use_query else 0}
+    s = scorer.num_subvectors
+    tables = {}
+    for side, n in sizes.items():
+        if side not in scorer.group_names:
+            continue
+        table = np.full((n, s), -1, np.int32)
+        for start in range(spec.PAD_ID + 1, n, batch_size):
+            ids = np.arange(start, min(start + batch_size, n), dtype=np.int32)[None, :]
+            # One "history" of these ids: the item side with no query, the query beside a
+            # real item (the query side does not depend on it).
+            item = ids if side == "item" else np.full_like(ids, spec.NUM_RESERVED_IDS)
+            query = ids if side == "query" else np.zeros_like(ids)
+            inputs = {"hist_item": item, "hist_query": query}
+            if not emb.use_query_token_table and emb.use_query_tokens:
+                raise ValueError("code tables need the model's query_tokens table")
+            vectors, masks = model.pq_vectors(inputs)
+            codes = scorer.encode_codes({side: vectors[side]}, {side: masks[side]})
+            at = scorer.group_names.index(side)
+            table[ids[0]] = np.asarray(keras.ops.convert_to_numpy(codes))[0, :, at]
+        tables[side] = table
+    return tables
+
+
+def codes_from_tables(tables: dict, hist_item, hist_query) -> np.ndarray:
+    """Stored codes ``int32 [B, L, M, S]`` of histories given as ids ``[B, L]``, from
+    :func:`code_tables` (-1 for padding and for behaviours without a query)."""
+    hist_item, hist_query = np.asarray(hist_item), np.asarray(hist_query)
+    item = tables["item"][hist_item]
+    item[hist_item == 0] = -1
+    sides = [item]
+    if "query" in tables:
+        query = tables["query"][hist_query]
+        query[(hist_query == 0) | (hist_item == 0)] = -1
+        sides.append(query)
+    return np.stack(sides, axis=-2)
 
 
 def _quantization_error(
@@ -181,9 +267,13 @@ def quantize_model(
     num_centroids: int = 512,
     max_vectors: int = 200_000,
     seed: int = 0,
+    layout: str = "modality",
+    rotation: bool = False,
 ):
     """A copy of a trained ``search="exact"`` SeminarCTR whose first stage is the ``"pq"``
-    scorer, with the same weights and codebooks fitted on ``dataset``.
+    scorer (codes of each modality, of the item and query sides, or of the fused key:
+    ``layout``), with the same weights and codebooks (after an OPQ rotation with
+    ``rotation``) fitted on ``dataset``.
 
     Returns ``(pq_model, report)`` with the report of :func:`fit_codebooks`.
     """
@@ -206,6 +296,7 @@ def quantize_model(
         "initialization": scorer.initialization,
         "num_subvectors": int(num_subvectors),
         "num_centroids": int(num_centroids),
+        "layout": layout,
     }
     config.update(search="pq", search_config=search_config, name=f"{model.name}_pq")
     copy = SeminarCTR.from_config(config)
@@ -213,7 +304,7 @@ def quantize_model(
     skip = tuple(n for n in (_gsu_names(model) | _gsu_names(copy)) if n.startswith("gsu/"))
     copy_layer_weights(model, copy, skip=skip, what="quantized model")
     copy_layer_weights(scorer.attention, copy.gsu.scorer.attention, what="GSU attention")
-    report = fit_codebooks(copy, dataset, max_vectors=max_vectors, seed=seed)
+    report = fit_codebooks(copy, dataset, max_vectors=max_vectors, seed=seed, rotation=rotation)
     return copy, report
 
 

@@ -113,9 +113,22 @@ def test_encode_codes_picks_the_nearest_centroid_and_marks_absence():
     np.testing.assert_array_equal(np_(presence["query"]), masks["query"])
 
 
-def test_with_one_centroid_per_vector_pq_equals_exact(exact_model):
+@pytest.mark.parametrize(
+    "layout,rotation",
+    [("modality", False), ("sides", False), ("fused", False), ("fused", True), ("sides", True)],
+)
+def test_with_one_centroid_per_vector_pq_equals_exact(exact_model, layout, rotation):
+    """Exact codes (a centroid per distinct sub-vector) give the exact first stage whatever
+    is coded (modalities, sides, the fused key) and after an OPQ rotation."""
     x = batch()
-    pq_model, report = quantize_model(exact_model, [x], num_subvectors=2, num_centroids=4096)
+    pq_model, report = quantize_model(
+        exact_model, [x], num_subvectors=2, num_centroids=4096, layout=layout, rotation=rotation
+    )
+    rotations = np_(pq_model.gsu.scorer.rotations)
+    assert len(rotations) == len(pq_model.gsu.scorer.groups)
+    for r in rotations:  # orthogonal, and away from the identity when learned
+        np.testing.assert_allclose(r @ r.T, np.eye(len(r)), atol=1e-4)
+        assert (np.abs(r - np.eye(len(r))).max() > 1e-3) == rotation
     assert all(r["relative_error"] < 1e-6 for r in report.values() if r["vectors"])
     ref, got = exact_model.retrieve(x), pq_model.retrieve(x)
     np.testing.assert_allclose(np_(got["scores"]), np_(ref["scores"]), atol=1e-4)
@@ -124,11 +137,13 @@ def test_with_one_centroid_per_vector_pq_equals_exact(exact_model):
     assert gsu_recall(exact_model, pq_model, [x], ks=(1, 5))["recall@5"] == 1.0
 
 
-def test_stored_codes_give_the_in_model_quantization(exact_model):
+@pytest.mark.parametrize("layout", ["modality", "sides", "fused"])
+def test_stored_codes_give_the_in_model_quantization(exact_model, layout):
     x = batch(seed=5)
-    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=4)
+    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=4, layout=layout)
     codes = np_(pq_model.pq_codes(x))
-    m = len(pq_model.gsu.scorer.modalities)
+    m = {"modality": 5, "sides": 2, "fused": 1}[layout]
+    assert len(pq_model.gsu.scorer.groups) == m
     assert codes.shape == x["hist_item"].shape + (m, 4)
     padded = np_(x["hist_item"]) == 0
     assert np.all(codes[padded] == -1) and np.all(codes[~padded][:, 0] >= 0)  # id present
@@ -262,14 +277,43 @@ def test_pq_runs_under_jax(run_script):
     assert "PQ jax" in run_script(JAX_SCRIPT, "jax")
 
 
-def test_pq_scores_many_candidates_as_repeated_rows(exact_model):
-    """The pq scorer (no score_many of its own: the history is repeated per candidate) gives
+@pytest.mark.parametrize("layout", ["modality", "sides", "fused"])
+def test_pq_scores_many_candidates_as_repeated_rows(exact_model, layout):
+    """The pq scorer codes the history once for all candidates and gives
     ``score_candidates`` what ``call`` gives on the repeated rows."""
     x = batch(n=5, seed=7)
-    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=2, num_centroids=4)
+    pq_model, _ = quantize_model(
+        exact_model, [x], num_subvectors=2, num_centroids=4, layout=layout, rotation=True
+    )
     rng = np.random.default_rng(1)
     candidates = rng.integers(spec.NUM_RESERVED_IDS, SPEC.num_items, size=(5, 6))
     got = np_(pq_model.score_candidates(x, candidates))
     tiled = {k: np.repeat(v, 6, axis=0) for k, v in x.items()}
     tiled["target_item"] = candidates.reshape(-1).astype(x["target_item"].dtype)
     np.testing.assert_allclose(got, np_(pq_model(tiled)).reshape(5, 6), rtol=1e-5, atol=1e-6)
+
+
+def test_side_codes_come_from_per_item_and_per_query_tables(exact_model):
+    """With layout "sides" a behaviour's codes are its item's and its query's: tables of
+    codes per item and per query rebuild the stored codes of any history from its ids."""
+    from seminar_tf.quantization import code_tables, codes_from_tables
+
+    x = batch(n=48, seed=8)
+    pq_model, _ = quantize_model(
+        exact_model, [x], num_subvectors=4, num_centroids=8, layout="sides", rotation=True
+    )
+    tables = code_tables(pq_model, batch_size=7)
+    emb = pq_model.pair_embedding
+    assert tables["item"].shape == (emb.num_items, 4) and tables["query"].shape[0] == (
+        emb.num_queries
+    )
+    assert (tables["item"][1:] >= 0).all() and (tables["item"][0] == -1).all()
+    rebuilt = codes_from_tables(tables, x["hist_item"], x["hist_query"])
+    np.testing.assert_array_equal(rebuilt, np_(pq_model.pq_codes(x)))
+    stored = pq_model.retrieve(x, extra_key_parts={spec.PQ_CODES.name: rebuilt})
+    np.testing.assert_allclose(
+        np_(stored["scores"]), np_(pq_model.retrieve(x)["scores"]), atol=1e-5
+    )
+    modality_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=8)
+    with pytest.raises(ValueError, match="sides"):
+        code_tables(modality_model)

@@ -994,10 +994,19 @@ class SeminarCTR(keras.Model):
         """The stored form of a history for a ``"pq"`` model: codes ``int32 [B, L, M, S]``
         (``spec.PQ_CODES``; -1 where a behaviour lacks a modality, and in padding), which
         :meth:`retrieve` takes as ``extra_key_parts={"hist_pq_codes": codes}``."""
+        vectors, masks = self.pq_vectors(inputs)
+        return self.gsu.scorer.encode_codes(vectors, masks)
+
+    def pq_vectors(self, inputs) -> tuple:
+        """What a ``"pq"`` model's codes stand for: ``({group: [B, L, d]}, {group: bool
+        [B, L]})``, the history's GSU vectors grouped by the scorer's ``layout`` (per modality,
+        item side and query side, or the fused key; ``PQScorer.group_vectors``)."""
         if self.search != "pq" or self.gsu is None:
-            raise ValueError(f"`pq_codes` needs a model with search='pq', not {self.search!r}.")
+            raise ValueError(f"needs a model with search='pq', not {self.search!r}.")
         parts, masks = self.gsu_parts(inputs)
-        return self.gsu.scorer.encode_codes(parts, masks)
+        weights = self.pair_embedding.fusion_weights(masks)
+        vectors, totals = self.gsu.scorer.group_vectors(parts, weights)
+        return vectors, {g: ops.greater(w, 0) for g, w in totals.items()}
 
     def gather_kept(self, inputs, retrieved) -> dict:
         """The ranking inputs ``spec.KEPT_FEATURES`` (``kept_item``, ``kept_query``,

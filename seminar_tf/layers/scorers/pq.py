@@ -12,6 +12,26 @@ from seminar_tf import spec
 from seminar_tf.layers.scorers.base import SearchScorer, register_scorer
 from seminar_tf.layers.scorers.exact import ExactScorer
 
+LAYOUTS = ("modality", "sides", "fused")
+ITEM_SIDE, QUERY_SIDE, FUSED = "item", "query", "fused"
+
+
+def code_groups(modalities: tuple, layout: str) -> tuple:
+    """``((name, members), ...)``: the vectors a ``layout`` codes, in code order.
+
+    ``"modality"``: one per modality (SEMINAR's multi-modal codes); ``"sides"``: the item
+    modalities fused into one item-side vector (a function of the item alone) and the query
+    (of the query alone), so codes can live in per-item and per-query tables; ``"fused"``:
+    the whole fused key of each behaviour, which is what the GSU scores.
+    """
+    if layout == "modality":
+        return tuple((m, (m,)) for m in modalities)
+    if layout == "fused":
+        return ((FUSED, tuple(modalities)),)
+    items = tuple(m for m in modalities if m != QUERY_SIDE)
+    groups = ((ITEM_SIDE, items),) if items else ()
+    return groups + (((QUERY_SIDE, (QUERY_SIDE,)),) if QUERY_SIDE in modalities else ())
+
 
 @register_scorer("pq")
 @keras.saving.register_keras_serializable(package="seminar_tf")
@@ -66,6 +86,7 @@ class PQScorer(ExactScorer):
         modalities: tuple | list = ("id",),
         num_subvectors: int = 16,
         num_centroids: int = 512,
+        layout: str = "modality",
         num_heads: int = 4,
         head_dim: int | None = None,
         reduction: str = "mean",
@@ -86,14 +107,23 @@ class PQScorer(ExactScorer):
         for name, value in (("num_subvectors", num_subvectors), ("num_centroids", num_centroids)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if layout not in LAYOUTS:
+            raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}.")
         self.modalities = tuple(modalities)
         self.num_subvectors = num_subvectors
         self.num_centroids = num_centroids
+        self.layout = layout
+        self.groups = code_groups(self.modalities, layout)
+
+    @property
+    def group_names(self) -> tuple:
+        """The names of the coded vectors, in code order (``M`` of them)."""
+        return tuple(name for name, _ in self.groups)
 
     @property
     def serving_sizes(self) -> dict:
-        """Sizes of the symbols of ``serving_features``: ``M`` modalities, ``S`` sub-vectors."""
-        return {"M": len(self.modalities), "S": self.num_subvectors}
+        """Sizes of the symbols of ``serving_features``: ``M`` coded vectors, ``S`` sub-vectors."""
+        return {"M": len(self.groups), "S": self.num_subvectors}
 
     def build(self, target_shape, keys_shape=None, mask_shape=None):
         if self.built:
@@ -104,10 +134,16 @@ class PQScorer(ExactScorer):
                 f"`num_subvectors`={self.num_subvectors} does not divide the vector size {d}."
             )
         super().build(target_shape, keys_shape, mask_shape)
+        self.rotations = self.add_weight(
+            name="rotations",
+            shape=(len(self.groups), d, d),
+            initializer=lambda shape, dtype=None: ops.broadcast_to(ops.eye(d, dtype=dtype), shape),
+            trainable=False,
+        )
         self.codebooks = self.add_weight(
             name="codebooks",
             shape=(
-                len(self.modalities),
+                len(self.groups),
                 self.num_subvectors,
                 self.num_centroids,
                 d // self.num_subvectors,
@@ -116,32 +152,67 @@ class PQScorer(ExactScorer):
             trainable=False,
         )
 
+    def set_rotations(self, rotations) -> None:
+        """Assigns the orthogonal rotations ``[M, d, d]`` applied to each coded vector before
+        it is split into sub-vectors (OPQ; identity by default): ``x -> x @ R``."""
+        if tuple(rotations.shape) != tuple(self.rotations.shape):
+            raise ValueError(
+                f"Rotations of shape {tuple(rotations.shape)} do not fit this scorer "
+                f"(needs {tuple(self.rotations.shape)})."
+            )
+        self.rotations.assign(ops.cast(rotations, self.rotations.dtype))
+
     def set_codebooks(self, codebooks) -> None:
         """Assigns the codebooks ``[M, S, C, d / S]`` (e.g. k-means centroids)."""
         if tuple(codebooks.shape) != tuple(self.codebooks.shape):
             raise ValueError(
                 f"Codebooks of shape {tuple(codebooks.shape)} do not fit this scorer "
-                f"(needs {tuple(self.codebooks.shape)}: modalities x sub-vectors x centroids x "
+                f"(needs {tuple(self.codebooks.shape)}: coded vectors x sub-vectors x centroids x "
                 "sub-vector size)."
             )
         self.codebooks.assign(ops.cast(codebooks, self.codebooks.dtype))
 
     # ----------------------------------------------------------------------- codes
+    def group_vectors(self, parts: dict, weights: dict) -> tuple:
+        """The vectors this scorer codes, from per-modality vectors ``{modality: [..., d]}``
+        and their fusion weights ``{modality: [...]}``: ``({group: [..., d]}, {group:
+        [...]})`` with each group's weight ``W_g = sum_{m in g} w_m`` and vector
+        ``sum_{m in g} w_m k_m / W_g`` (0 where ``W_g`` is 0), so that
+        ``sum_g W_g v_g = sum_m w_m k_m``. With ``layout="modality"`` these are the inputs."""
+        vectors, totals = {}, {}
+        for name, members in self.groups:
+            members = [m for m in members if m in parts and m in weights]
+            if not members:
+                continue
+            total = sum(ops.cast(weights[m], "float32") for m in members)
+            fused = sum(
+                ops.cast(parts[m], "float32") * ops.cast(weights[m], "float32")[..., None]
+                for m in members
+            )
+            safe = ops.where(total > 0, total, ops.ones_like(total))
+            vectors[name], totals[name] = fused / safe[..., None], total
+        return vectors, totals
+
     def encode_codes(self, parts: dict, masks: dict | None = None):
-        """Codes ``int32 [..., M, S]`` of per-modality vectors ``{modality: [..., d]}``: the
-        nearest centroid of each sub-vector; -1 where ``masks[m]`` is false or ``m`` is not
-        in ``parts``."""
+        """Codes ``int32 [..., M, S]`` of the coded vectors ``{group: [..., d]}`` (see
+        :meth:`group_vectors`; the modalities themselves with ``layout="modality"``): the
+        nearest centroid of each sub-vector after the group's rotation; -1 where
+        ``masks[g]`` is false or ``g`` is not in ``parts``."""
         first = next(iter(parts.values()))
         lead = ops.shape(first)[:-1]
         s = self.num_subvectors
         codes = []
-        for i, m in enumerate(self.modalities):
+        for i, m in enumerate(self.group_names):
             if m not in parts:
                 codes.append(ops.full(tuple(lead) + (s,), -1, dtype="int32"))
                 continue
-            x = ops.reshape(
-                ops.cast(parts[m], self.codebooks.dtype), (-1, s, self.codebooks.shape[-1])
+            x = ops.matmul(
+                ops.reshape(
+                    ops.cast(parts[m], self.codebooks.dtype), (-1, self.rotations.shape[-1])
+                ),
+                self.rotations[i],
             )
+            x = ops.reshape(x, (-1, s, self.codebooks.shape[-1]))
             # One sub-vector at a time: the distances of all N vectors to all C centroids
             # are [N, C], not [N, S, C] (a batch of 512 histories of 300 is 150k vectors).
             sub_codes = []
@@ -160,8 +231,12 @@ class PQScorer(ExactScorer):
         return ops.stack(codes, axis=-2)
 
     def presence(self, codes) -> dict:
-        """``{modality: bool [...]}``: where the codes ``[..., M, S]`` hold the modality."""
-        return {m: codes[..., i, 0] >= 0 for i, m in enumerate(self.modalities)}
+        """``{modality: bool [...]}`` from the codes ``[..., M, S]``, as the pair embedding's
+        ``fusion_weights`` takes them: each modality where ``layout="modality"``; otherwise
+        a group stands for its first member (its weight is what the fusion gives the group:
+        ``(1 - lambda)`` for the item side beside a query, ``lambda`` for the query, 1 for
+        the fused vector)."""
+        return {members[0]: codes[..., i, 0] >= 0 for i, (_, members) in enumerate(self.groups)}
 
     # ----------------------------------------------------------------------- scores
     def _linear_form(self, target):
@@ -180,8 +255,10 @@ class PQScorer(ExactScorer):
         """``(T [B, M, S, C], c [B])``: ``T[b, m, s, j] = u_s . centroid[m, s, j]``."""
         u, c = self._linear_form(ops.cast(target, self.codebooks.dtype))
         e = self.codebooks.shape[-1]
-        u = ops.reshape(u, (-1, self.num_subvectors, e))
-        return ops.einsum("bse,msce->bmsc", u, self.codebooks), c
+        # (x R) . (u R) = x . u for an orthogonal R: the target turns with the codes.
+        u = ops.einsum("bd,mdf->bmf", u, self.rotations)
+        u = ops.reshape(u, (-1, len(self.groups), self.num_subvectors, e))
+        return ops.einsum("bmse,msce->bmsc", u, self.codebooks), c
 
     def score_codes(self, target, codes, weights):
         """Scores ``[B, L]`` of the behaviours stored as ``codes`` int ``[B, L, M, S]``,
@@ -193,7 +270,7 @@ class PQScorer(ExactScorer):
         """Scores ``[B, C, L]``: the lookup tables ``[B, C, M, S, K]`` (and offsets
         ``[B, C]``) of C targets per history against that history's ``codes [B, L, M, S]``
         fused with ``weights [B, L, M]``: the codes are read once for every target."""
-        m, s, k = len(self.modalities), self.num_subvectors, self.num_centroids
+        m, s, k = len(self.groups), self.num_subvectors, self.num_centroids
         codes = ops.cast(codes, "int32")
         shape = ops.shape(codes)  # [B, L, M, S]
         c = ops.shape(tables)[1]
@@ -211,15 +288,30 @@ class PQScorer(ExactScorer):
         return ops.sum(partial * weights, axis=-1) + ops.expand_dims(offset, -1)
 
     def stack_weights(self, key_weights: dict):
-        """``[B, L, M]`` from ``{modality: [B, L]}`` (0 for a modality not given)."""
-        ref = next(iter(key_weights.values()))
+        """``[B, L, M]``: each coded vector's weight, the sum of its members' in
+        ``{modality: [B, L]}`` (0 for those not given)."""
+        ref = ops.cast(next(iter(key_weights.values())), "float32")
         return ops.stack(
             [
-                ops.cast(key_weights[m], "float32") if m in key_weights else ops.zeros_like(ref)
-                for m in self.modalities
+                sum(
+                    (ops.cast(key_weights[m], "float32") for m in members if m in key_weights),
+                    ops.zeros_like(ref),
+                )
+                for _, members in self.groups
             ],
             axis=-1,
         )
+
+    def _codes_of(self, key_parts: dict, key_weights: dict):
+        """The stored codes in ``key_parts``, or those of its per-modality vectors."""
+        codes = key_parts.get(spec.PQ_CODES.name)
+        if codes is not None:
+            return codes
+        missing = [m for m in self.modalities if m in key_weights and m not in key_parts]
+        if missing:
+            raise ValueError(f"The 'pq' scorer got no vectors for modalities {missing}.")
+        vectors, totals = self.group_vectors(key_parts, key_weights)
+        return self.encode_codes(vectors, {g: w > 0 for g, w in totals.items()})
 
     def call(
         self, target, keys, mask, target_parts=None, key_parts=None, key_weights=None,
@@ -232,13 +324,7 @@ class PQScorer(ExactScorer):
                 "The 'pq' scorer needs the per-modality `key_parts` (or the stored codes "
                 f"`key_parts['{spec.PQ_CODES.name}']`) and the fusion `key_weights`."
             )
-        codes = key_parts.get(spec.PQ_CODES.name)
-        if codes is None:
-            missing = [m for m in self.modalities if m in key_weights and m not in key_parts]
-            if missing:
-                raise ValueError(f"The 'pq' scorer got no vectors for modalities {missing}.")
-            masks = {m: key_weights[m] > 0 for m in self.modalities if m in key_weights}
-            codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
+        codes = self._codes_of(key_parts, key_weights)
         return self.score_codes(target, codes, self.stack_weights(key_weights))
 
     def score_many(
@@ -252,10 +338,7 @@ class PQScorer(ExactScorer):
                 self, targets, keys, mask, target_parts, key_parts, key_weights, training
             )
         # The history is coded once; each target only brings its lookup tables.
-        codes = key_parts.get(spec.PQ_CODES.name)
-        if codes is None:
-            masks = {m: key_weights[m] > 0 for m in self.modalities if m in key_weights}
-            codes = self.encode_codes({m: key_parts[m] for m in masks}, masks)
+        codes = self._codes_of(key_parts, key_weights)
         c = ops.shape(targets)[1]
         tables, offset = self.lookup_tables(ops.reshape(targets, (-1, targets.shape[-1])))
         batch = ops.shape(codes)[0]
@@ -270,6 +353,7 @@ class PQScorer(ExactScorer):
                 "modalities": list(self.modalities),
                 "num_subvectors": self.num_subvectors,
                 "num_centroids": self.num_centroids,
+                "layout": self.layout,
             }
         )
         return config
