@@ -40,7 +40,26 @@ from seminar_tf import evaluation, training  # noqa: E402
 
 TOP_K = 50
 KS = (10, 50)
-GRID = [(16, 16), (16, 64), (16, 256), (16, 512), (8, 256), (32, 256)]  # (S, C)
+GRID = [(16, 16), (16, 64), (16, 256), (16, 512), (8, 256), (32, 256)]  # (S, C), per modality
+# What is coded (issue: quantize what is scored), each (layout, OPQ rotation, S, C).
+LAYOUT_GRID = [
+    ("sides", False, 8, 256), ("sides", False, 16, 256), ("sides", True, 16, 256),
+    ("sides", True, 32, 256),
+    ("fused", False, 8, 256), ("fused", False, 16, 256), ("fused", False, 32, 256),
+    ("fused", True, 8, 256), ("fused", True, 16, 256), ("fused", True, 32, 256),
+    ("fused", True, 64, 256),
+]  # fmt: skip
+DEFAULT_AT = ("fused", False, 32, 256)  # seminar quantize's default, test AUC measured
+SHORTLISTS = (2, 4)  # shortlists of x * K re-ranked exactly
+FAISS_GRID = [("pq", 8), ("pq", 16), ("pq", 32), ("pq", 64), ("opq", 8), ("opq", 16), ("opq", 32)]
+
+
+def stored_bytes(layout: str, s: int, c: int, groups: int) -> int:
+    """Bytes a stored behaviour costs: its codes (1 byte a code up to 256 centroids, else 2),
+    or with per-item / per-query code tables ("sides") its two int32 ids."""
+    if layout == "sides":
+        return 8
+    return groups * s * (1 if c <= 256 else 2)
 
 
 def _np(x):
@@ -63,23 +82,59 @@ def batch_scores(exact, pq_model, features) -> dict:
     keys = emb.fuse(parts, masks)
     mask = _np(features["hist_item"]) != 0
     scorer = pq_model.gsu.scorer
-    codes = scorer.encode_codes(parts, masks)
+    codes = pq_model.pq_codes(features)
     stacked = scorer.stack_weights(weights)
-    # Symmetric: the target's own modality vectors replaced by their centroids.
-    t_parts = exact._project_gsu(t_vec)
-    t_codes = _np(scorer.encode_codes(t_parts, t_mask))
-    books = _np(scorer.codebooks)
-    rebuilt = {}
-    for i, m in enumerate(scorer.modalities):
-        if m not in t_parts:
+    # Symmetric: the target's own coded vectors replaced by their centroids.
+    t_vectors, t_totals = scorer.group_vectors(
+        exact._project_gsu(t_vec), emb.fusion_weights(t_mask)
+    )
+    t_codes = _np(scorer.encode_codes(t_vectors, {g: w > 0 for g, w in t_totals.items()}))
+    books, rotations = _np(scorer.codebooks), _np(scorer.rotations)
+    sym_target = 0.0
+    for i, g in enumerate(scorer.group_names):
+        if g not in t_vectors:
             continue
         sub = books[i][np.arange(books.shape[1])[None, :], np.maximum(t_codes[:, i], 0)]
-        rebuilt[m] = ops.convert_to_tensor(sub.reshape(len(sub), -1) * (t_codes[:, i, :1] >= 0))
-    sym_target = emb.fuse(rebuilt, t_mask)
+        rebuilt = sub.reshape(len(sub), -1) @ rotations[i].T * (t_codes[:, i, :1] >= 0)
+        sym_target = sym_target + rebuilt * _np(t_totals[g])[:, None]
     return {
         "exact": _np(exact.gsu.scorer(target, keys, mask)),
         "asymmetric": _np(scorer.score_codes(target, codes, stacked)),
-        "symmetric": _np(scorer.score_codes(sym_target, codes, stacked)),
+        "symmetric": _np(scorer.score_codes(ops.convert_to_tensor(sym_target), codes, stacked)),
+        "mask": mask,
+    }
+
+
+def fused_keys(exact, features):
+    """``(target [B, d], keys [B, L, d], mask [B, L])``: what the exact GSU scores."""
+    emb = exact.pair_embedding
+    t_vec, t_mask = emb.encode(
+        features["target_item"], features["target_query"], features["target_query_tokens"]
+    )
+    target = exact._gsu_target(t_vec, t_mask, emb.fuse(t_vec, t_mask))
+    parts, masks = exact.gsu_parts(features)
+    return target, _np(emb.fuse(parts, masks)), _np(features["hist_item"]) != 0
+
+
+def faiss_codec(kind: str, m: int, sample: np.ndarray):
+    """A FAISS PQ (or OPQ + PQ) of ``m`` bytes, 8 bits a code, trained on ``sample``."""
+    import faiss
+
+    d = sample.shape[1]
+    index = faiss.index_factory(d, f"OPQ{m},PQ{m}x8" if kind == "opq" else f"PQ{m}x8")
+    index.train(np.ascontiguousarray(sample, np.float32))
+    return index
+
+
+def faiss_scores(exact, index, features) -> dict:
+    """Exact scores against the GSU keys, and the same scorer on the FAISS reconstruction."""
+    target, keys, mask = fused_keys(exact, features)
+    flat = np.ascontiguousarray(keys.reshape(-1, keys.shape[-1]), np.float32)
+    rebuilt = index.sa_decode(index.sa_encode(flat)).reshape(keys.shape)
+    return {
+        "exact": _np(exact.gsu.scorer(target, keys, mask)),
+        "asymmetric": _np(exact.gsu.scorer(target, rebuilt, mask)),
+        "symmetric": _np(exact.gsu.scorer(target, rebuilt, mask)),
         "mask": mask,
     }
 
@@ -95,8 +150,16 @@ def recall_counts(scores: dict, ks=KS, top_k=TOP_K) -> dict:
         return np.argsort(-ranked, axis=1, kind="stable")[:, :n]
 
     ref = top(scores["exact"], max(ks))
-    for method in ("asymmetric", "symmetric"):
-        got = top(scores[method], top_k)
+    for method in ("asymmetric", "symmetric") + tuple(f"shortlist{x}" for x in SHORTLISTS):
+        if method.startswith("shortlist"):
+            # The quantized top (x * K), re-ranked by the exact score: what a re-rank of a
+            # shortlist from item vectors looked up by id keeps.
+            short = top(scores["asymmetric"], int(method[len("shortlist") :]) * top_k)
+            exact = np.take_along_axis(np.where(mask, scores["exact"], -np.inf), short, axis=1)
+            got = np.take_along_axis(short, np.argsort(-exact, axis=1, kind="stable"), axis=1)
+            got = got[:, :top_k]
+        else:
+            got = top(scores[method], top_k)
         sums = {k: 0.0 for k in ks}
         for r in rows:
             kept = set(got[r].tolist())
@@ -112,7 +175,7 @@ def run_dataset(name: str, tmp: str, args) -> dict:
     from seminar_tf.quantization import quantize_model
 
     t0 = time.time()
-    data_dir = prepare(name, tmp, args.max_len)
+    data_dir = args.data or prepare(name, tmp, args.max_len)
     print(f"[{name}] preprocessed in {time.time() - t0:.0f}s", flush=True)
     model_dir = os.path.join(tmp, f"{name}_exact")
     cfg = training.TrainConfig(
@@ -135,59 +198,108 @@ def run_dataset(name: str, tmp: str, args) -> dict:
 
     rows = [{"S": None, "C": None, "method": "exact", **auc_of(exact)}]
     print(f"[{name}] exact: test AUC {rows[0]['auc']:.4f}", flush=True)
-    for s, c in GRID:
-        t2 = time.time()
-        pq_model, fit = quantize_model(exact, sample, s, c, max_vectors=args.max_vectors)
-        fit_s = time.time() - t2
+
+    def recall_of(score_batch) -> dict:
         totals = None
         for features in valid:
-            counts = recall_counts(batch_scores(exact, pq_model, features))
+            counts = recall_counts(score_batch(features))
             if totals is None:
                 totals = counts
                 continue
             totals["examples"] += counts["examples"]
-            for method in ("asymmetric", "symmetric"):
-                for k in KS:
-                    totals[method][k] += counts[method][k]
+            for method in counts:
+                if method != "examples":
+                    for k in KS:
+                        totals[method][k] += counts[method][k]
         n = max(totals["examples"], 1)
-        errors = {m: r["relative_error"] for m, r in fit.items() if r["vectors"]}
-        row = {
-            "S": s, "C": c, "method": "pq", "fit_seconds": round(fit_s, 1),
+        return {
             "recall_examples": totals["examples"],
             **{f"recall@{k}": totals["asymmetric"][k] / n for k in KS},
             **{f"symmetric_recall@{k}": totals["symmetric"][k] / n for k in KS},
-            "relative_error": errors,
-            "bytes_per_behaviour": len(pq_model.gsu.scorer.modalities) * s * (1 if c <= 256 else 2),
+            **{f"shortlist{x}_recall@{TOP_K}": totals[f"shortlist{x}"][TOP_K] / n
+               for x in SHORTLISTS},
         }  # fmt: skip
-        if (s, c) == (16, 512) or args.auc_all:
-            row.update(auc_of(pq_model))
+
+    def report(row):
         rows.append(row)
-        print(f"[{name}] S={s} C={c}: recall@10 {row['recall@10']:.3f} recall@50 "
-              f"{row['recall@50']:.3f} (symmetric {row['symmetric_recall@10']:.3f} / "
-              f"{row['symmetric_recall@50']:.3f})"
-              + (f" test AUC {row['auc']:.4f}" if "auc" in row else ""),
-              flush=True)  # fmt: skip
+        print(f"[{name}] {row['method']} {row.get('layout', '')} {'OPQ ' if row.get('rotation') else ''}"
+              f"S={row['S']} C={row['C']} ({row['bytes_per_behaviour']} B): recall@10 "
+              f"{row['recall@10']:.3f} recall@50 {row['recall@50']:.3f}"
+              + (f" test AUC {row['auc']:.4f}" if "auc" in row else ""), flush=True)  # fmt: skip
+
+    grid = [("modality", False, s_, c_) for s_, c_ in GRID] if "modality" in args.parts else []
+    grid += LAYOUT_GRID if "layouts" in args.parts else []
+    grid += [DEFAULT_AT, ("fused", True, 32, 256)] if "default" in args.parts else []
+    for layout, rotation, s, c in grid:
+        t2 = time.time()
+        pq_model, fit = quantize_model(exact, sample, s, c, max_vectors=args.max_vectors,
+                                       layout=layout, rotation=rotation)  # fmt: skip
+        fit_s = time.time() - t2
+        groups = len(pq_model.gsu.scorer.groups)
+        row = {
+            "S": s, "C": c, "method": "pq", "layout": layout, "rotation": rotation,
+            "fit_seconds": round(fit_s, 1),
+            **recall_of(lambda f, m=pq_model: batch_scores(exact, m, f)),
+            "relative_error": {m: r["relative_error"] for m, r in fit.items() if r["vectors"]},
+            "bytes_per_behaviour": stored_bytes(layout, s, c, groups),
+            "code_bytes_per_behaviour": groups * s * (1 if c <= 256 else 2),
+        }  # fmt: skip
+        if layout == "sides":
+            row["table_bytes_per_item_and_query"] = s * (1 if c <= 256 else 2)
+        if (layout, rotation, s, c) in args.auc_at or args.auc_all:
+            row.update(auc_of(pq_model))
+        report(row)
+    if "faiss" in args.parts:
+        keys = []
+        for features in sample:
+            _, k, m = fused_keys(exact, features)
+            keys.append(k[m])
+        keys = np.concatenate(keys)
+        rng = np.random.default_rng(0)
+        if len(keys) > args.max_vectors:
+            keys = keys[rng.choice(len(keys), args.max_vectors, replace=False)]
+        for kind, m in FAISS_GRID:
+            t2 = time.time()
+            index = faiss_codec(kind, m, keys)
+            row = {"S": m, "C": 256, "method": f"faiss-{kind}", "layout": "fused",
+                   "rotation": kind == "opq", "fit_seconds": round(time.time() - t2, 1),
+                   **recall_of(lambda f, i=index: faiss_scores(exact, i, f)),
+                   "bytes_per_behaviour": m, "code_bytes_per_behaviour": m}  # fmt: skip
+            report(row)
     return {"dataset": name, "max_len": args.max_len, "epochs": args.epochs, "rows": rows}
 
 
 def table(results: list) -> str:
-    head = (f"{'dataset':10} {'S':>3} {'C':>4} {'B/beh':>5} {'rec@10':>7} {'rec@50':>7} "
-            f"{'sym@10':>7} {'sym@50':>7} {'n':>6} {'test AUC':>8} {'logloss':>8}")  # fmt: skip
+    head = (f"{'dataset':10} {'method':9} {'layout':8} {'OPQ':>3} {'S':>3} {'C':>4} {'B/beh':>5} "
+            f"{'rec@10':>7} {'rec@50':>7} {'sym@10':>7} {'sym@50':>7} {'4K>50':>6} {'n':>6} "
+            f"{'test AUC':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for res in results:
         for r in res["rows"]:
             auc = f"{r['auc']:.4f}" if "auc" in r else "-"
-            loss = f"{r['logloss']:.4f}" if "logloss" in r else "-"
             if r["method"] == "exact":
-                lines.append(f"{res['dataset']:10} {'exact':>8} {'':>5} {'1.000':>7} {'1.000':>7} "
-                             f"{'':>7} {'':>7} {'':>6} {auc:>8} {loss:>8}")  # fmt: skip
+                lines.append(f"{res['dataset']:10} {'exact':9} {'':8} {'':>3} {'':>3} {'':>4} "
+                             f"{'':>5} {'1.000':>7} {'1.000':>7} {'':>7} {'':>7} {'':>6} {'':>6} "
+                             f"{auc:>8}")  # fmt: skip
                 continue
+            sym = r["method"] == "pq"
             lines.append(
-                f"{res['dataset']:10} {r['S']:>3} {r['C']:>4} {r['bytes_per_behaviour']:>5} "
-                f"{r['recall@10']:>7.3f} {r['recall@50']:>7.3f} {r['symmetric_recall@10']:>7.3f} "
-                f"{r['symmetric_recall@50']:>7.3f} {r['recall_examples']:>6} {auc:>8} {loss:>8}"
+                f"{res['dataset']:10} {r['method']:9} {r.get('layout', 'modality'):8} "
+                f"{'yes' if r.get('rotation') else 'no':>3} {r['S']:>3} {r['C']:>4} "
+                f"{r['bytes_per_behaviour']:>5} {r['recall@10']:>7.3f} {r['recall@50']:>7.3f} "
+                f"{r['symmetric_recall@10'] if sym else float('nan'):>7.3f} "
+                f"{r['symmetric_recall@50'] if sym else float('nan'):>7.3f} "
+                f"{r.get(f'shortlist4_recall@{TOP_K}', float('nan')):>6.3f} "
+                f"{r['recall_examples']:>6} {auc:>8}"
             )
     return "\n".join(lines)
+
+
+def _family(r) -> str:
+    if r["method"] != "pq":
+        return r["method"].replace("faiss-", "FAISS ").upper().replace("FAISS ", "FAISS ")
+    label = {"modality": "per modality", "sides": "item/query sides", "fused": "fused key"}
+    return label[r.get("layout", "modality")] + (" + OPQ" if r.get("rotation") else "")
 
 
 def plot(results: list, path: str) -> None:
@@ -196,29 +308,26 @@ def plot(results: list, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
     for ax, res in zip(axes[0], results):
-        rows = [r for r in res["rows"] if r["method"] == "pq" and r["S"] == 16]
-        rows.sort(key=lambda r: r["C"])
-        xs = [r["C"] for r in rows]
-        for k, color in zip(KS, ("tab:blue", "tab:orange")):
-            ax.plot(xs, [r[f"recall@{k}"] for r in rows], "-o", color=color,
-                    label=f"asymmetric recall {k}@{TOP_K}")  # fmt: skip
-            ax.plot(xs, [r[f"symmetric_recall@{k}"] for r in rows], "--s", color=color,
-                    alpha=0.6, label=f"symmetric recall {k}@{TOP_K}")  # fmt: skip
+        families: dict = {}
         for r in res["rows"]:
-            if r["method"] == "pq" and r["S"] != 16:
-                ax.scatter([r["C"]], [r[f"recall@{TOP_K}"]], marker="x", color="tab:green")
-                ax.annotate(f" S={r['S']}", (r["C"], r[f"recall@{TOP_K}"]), fontsize=7,
-                            color="tab:green")  # fmt: skip
+            if r["method"] == "exact" or (r["method"] == "pq" and r["C"] < 256):
+                continue
+            families.setdefault(_family(r), []).append(r)
+        for label, rows in sorted(families.items()):
+            rows.sort(key=lambda r: r.get("code_bytes_per_behaviour", r["bytes_per_behaviour"]))
+            xs = [r.get("code_bytes_per_behaviour", r["bytes_per_behaviour"]) for r in rows]
+            style = "--s" if label.startswith("FAISS") else "-o"
+            ax.plot(xs, [r[f"recall@{TOP_K}"] for r in rows], style, label=label, alpha=0.85)
         ax.set_xscale("log", base=2)
-        ax.set_ylim(0.8, 1.005)
-        ax.set_xlabel("centroids per codebook C (S = 16 sub-vectors per modality)")
-        ax.set_ylabel("share of the exact top-k kept")
+        ax.set_ylim(0.8, 1.002)
+        ax.set_xlabel("code bytes per behaviour (sides: 2 x S, or 8 B of ids with code tables)")
+        ax.set_ylabel(f"recall {TOP_K}@{TOP_K} (share of the exact top-50 kept)")
         ax.set_title(f"{res['dataset']} (L <= {res['max_len']}, validation)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("SEMINAR first stage: product-quantized vs exact top-50")
+    fig.suptitle("SEMINAR first stage: quantized vs exact top-50, by what is coded")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -231,9 +340,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="validation batches of 256")
     parser.add_argument("--max-vectors", type=int, default=100_000)
     parser.add_argument("--auc-all", action="store_true", help="test AUC at every grid point")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["modality", "layouts", "faiss"],
+        choices=["modality", "layouts", "faiss", "default"],
+        help="per-modality grid, the sides/fused layouts, FAISS on the fused keys, or "
+        "seminar quantize's default (and it with OPQ) alone",
+    )
+    parser.add_argument("--data", help="an existing `seminar preprocess` output (one data set)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--replot", action="store_true", help="redraw OUT/pq_recall.png only")
     args = parser.parse_args(argv)
+    args.auc_at = {("modality", False, 16, 512), ("fused", True, 32, 256), DEFAULT_AT}
     if args.replot:
         with open(os.path.join(args.out, "pq_recall.json")) as f:
             plot(json.load(f)["results"], os.path.join(args.out, "pq_recall.png"))

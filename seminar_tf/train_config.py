@@ -22,6 +22,10 @@ import os
 
 from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 
+# seminar quantize's defaults: what benchmarks/pq_recall.py measured best at <= 32 bytes a
+# behaviour (docs/quantization.md).
+PQ_DEFAULTS = {"layout": "fused", "rotation": False, "num_subvectors": 32, "num_centroids": 256}
+
 DISTRIBUTE = ("none", "data", "mirrored")
 LR_SCALING = ("sqrt", "linear", "none")
 READERS = ("auto", "tf.data", "numpy")

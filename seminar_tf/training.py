@@ -27,7 +27,7 @@ import numpy as np
 
 from seminar_tf import distribute, spec, text
 from seminar_tf.losses import click_crossentropy
-from seminar_tf.train_config import ConfigError, TrainConfig, check_model_config
+from seminar_tf.train_config import PQ_DEFAULTS, ConfigError, TrainConfig, check_model_config
 
 log = logging.getLogger("seminar.train")
 
@@ -35,6 +35,7 @@ MODEL_FILE = "model.keras"
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.json"
 QUANTIZATION_FILE = "quantization.json"
+CODE_TABLES_FILE = "code_tables.npz"
 
 
 def _progress_verbose() -> int:
@@ -340,16 +341,21 @@ def quantize(
     data_dir: str,
     model_dir: str,
     out_dir: str,
-    num_subvectors: int = 16,
-    num_centroids: int = 512,
+    num_subvectors: int = PQ_DEFAULTS["num_subvectors"],
+    num_centroids: int = PQ_DEFAULTS["num_centroids"],
     max_vectors: int = 200_000,
     recall_ks: tuple | None = None,
     recall_batches: int = 8,
     seed: int = 0,
+    layout: str = PQ_DEFAULTS["layout"],
+    rotation: bool = PQ_DEFAULTS["rotation"],
 ) -> dict:
     """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a
-    product-quantized first stage (codebooks by k-means on training histories), saved as a
-    model directory ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take.
+    product-quantized first stage (codebooks by k-means on training histories, of what
+    ``layout`` codes, after an OPQ rotation with ``rotation``), saved as a model directory
+    ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take. With
+    ``layout="sides"`` it also writes ``code_tables.npz`` (``item``, ``query``: the codes of
+    every item and query, ``seminar_tf.quantization.code_tables``).
 
     Writes ``quantization.json``: the codebook fit per modality and the share of the exact
     model's GSU top-k that the quantized one keeps on the validation split
@@ -374,7 +380,7 @@ def quantize(
     compact = compact_of(cfg, data_dir, model)
     sample = _codebook_sample(data_dir, cfg, records=records, compact=compact)
     pq_model, fit_report = quantize_model(
-        model, sample, num_subvectors, num_centroids, max_vectors, seed
+        model, sample, num_subvectors, num_centroids, max_vectors, seed, layout, rotation
     )
     t1 = time.time()
     valid = windows(data_dir, "valid", cfg, reader, records, trim=True, compact=compact)
@@ -386,14 +392,24 @@ def quantize(
     )  # fmt: skip
     os.makedirs(out_dir, exist_ok=True)
     pq_model.save(os.path.join(out_dir, MODEL_FILE))
+    scorer = pq_model.gsu.scorer
+    code_bytes = len(scorer.groups) * num_subvectors * (1 if num_centroids <= 256 else 2)
     report = {
         "source_model": os.path.abspath(model_dir),
+        "layout": layout,
+        "rotation": bool(rotation),
         "num_subvectors": num_subvectors,
         "num_centroids": num_centroids,
+        "code_bytes_per_behaviour": code_bytes,
         "codebooks": fit_report,
         "valid_gsu_recall": recall,
         "seconds": round(time.time() - t0, 2),
     }
+    if layout == "sides":
+        from seminar_tf.quantization import code_tables
+
+        np.savez(os.path.join(out_dir, CODE_TABLES_FILE), **code_tables(pq_model))
+        report["code_tables"] = CODE_TABLES_FILE
     _write_json(os.path.join(out_dir, QUANTIZATION_FILE), report)
     run_cfg["train"]["model"] = {
         **run_cfg["train"].get("model", {}),

@@ -87,7 +87,7 @@ def test_quantize_writes_a_model_and_its_report(tiny, pq_model):
 
 def test_pq_export_declares_stored_codes(tiny, pq_model):
     meta = writer.read_metadata(writer.version_dir(tiny["pq_export"], spec.RETRIEVAL_MODEL))
-    m = len(pq_model.gsu.scorer.modalities)
+    m = len(pq_model.gsu.scorer.groups)
     assert meta["search"] == "pq" and meta["pq"]["num_centroids"] == PQ_CENTROIDS
     assert set(meta["signatures"]) == {
         "retrieve",

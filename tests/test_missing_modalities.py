@@ -123,8 +123,10 @@ def build(root: str, name: str) -> dict:
         keras.backend.clear_session()
         export_models(paths["model"], paths["export"], version=1)
         keras.backend.clear_session()
+        # Per-modality codes: what these tests check is each absent modality's -1 code.
         training.quantize(paths["data"], paths["model"], paths["pq_model"], num_subvectors=2,
-                          num_centroids=8, recall_ks=(1, MODEL["top_k"]))  # fmt: skip
+                          num_centroids=8, recall_ks=(1, MODEL["top_k"]), layout="modality",
+                          rotation=False)  # fmt: skip
         keras.backend.clear_session()
         export_models(paths["pq_model"], paths["pq_export"], version=1)
         out = {**paths, "name": name, "report": report}

@@ -140,7 +140,9 @@ def test_with_one_centroid_per_vector_pq_equals_exact(exact_model, layout, rotat
 @pytest.mark.parametrize("layout", ["modality", "sides", "fused"])
 def test_stored_codes_give_the_in_model_quantization(exact_model, layout):
     x = batch(seed=5)
-    pq_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=4, layout=layout)
+    pq_model, _ = quantize_model(
+        exact_model, [x], num_subvectors=4, num_centroids=4, layout=layout, rotation=True
+    )
     codes = np_(pq_model.pq_codes(x))
     m = {"modality": 5, "sides": 2, "fused": 1}[layout]
     assert len(pq_model.gsu.scorer.groups) == m

@@ -192,6 +192,21 @@ def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, 
     assert main(["quantize", "--data", data_dir, "--model", str(tmp_path / "none"),
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "no model.keras" in capsys.readouterr().err
+    # The default codes each behaviour's fused key; "sides" writes the per-item and
+    # per-query code tables a store keeps instead of per-behaviour codes.
+    with open(tmp_path / "pq" / training.QUANTIZATION_FILE) as f:
+        report = json.load(f)
+    assert (report["layout"], report["rotation"]) == ("fused", False)
+    assert report["code_bytes_per_behaviour"] == 4
+    sides = args[:-6] + ["--out", str(tmp_path / "sides"), "--layout", "sides", "--rotation",
+                         "--subvectors", "4", "--centroids", "16"]  # fmt: skip
+    assert main(sides) == 0
+    capsys.readouterr()
+    tables = np.load(tmp_path / "sides" / training.CODE_TABLES_FILE)
+    model = training.load_model(str(tmp_path / "sides"))
+    assert model.gsu.scorer.layout == "sides"
+    assert tables["item"].shape == (model.pair_embedding.num_items, 4)
+    assert (tables["item"][1:] >= 0).all() and (tables["item"][1:] < 16).all()
 
 
 DATA_PARALLEL_SCRIPT = """

@@ -14,6 +14,7 @@ from seminar_tf.cli.options import (
     positive_int,
     seed,
 )
+from seminar_tf.train_config import PQ_DEFAULTS
 
 
 def _add_train_args(p, with_pretrained: bool) -> None:
@@ -228,9 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--model", required=True, help="a `seminar train` model (search exact)")
     qz.add_argument("--out", required=True, help="model directory to write")
     qz.add_argument(
-        "--subvectors", type=positive_int, default=16, help="sub-vectors per modality vector"
-    )
-    qz.add_argument("--centroids", type=positive_int, default=512, help="centroids per codebook")
+        "--layout", choices=("fused", "sides", "modality"), default=PQ_DEFAULTS["layout"],
+        help="what is coded: each behaviour's fused GSU key; its item side and query (codes "
+        "in per-item and per-query tables); or each modality (SEMINAR's multi-modal codes)",
+    )  # fmt: skip
+    qz.add_argument(
+        "--rotation", action=argparse.BooleanOptionalAction, default=PQ_DEFAULTS["rotation"],
+        help="learn an OPQ rotation (faiss) before splitting each coded vector",
+    )  # fmt: skip
+    qz.add_argument(
+        "--subvectors", type=positive_int, default=PQ_DEFAULTS["num_subvectors"],
+        help="sub-vectors per coded vector",
+    )  # fmt: skip
+    qz.add_argument(
+        "--centroids", type=positive_int, default=PQ_DEFAULTS["num_centroids"],
+        help="centroids per codebook (<= 256: one byte a code)",
+    )  # fmt: skip
     qz.add_argument(
         "--max-vectors", type=positive_int, default=200_000, help="k-means sample per modality"
     )
