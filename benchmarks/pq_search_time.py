@@ -6,7 +6,7 @@ lookup-table scores, each followed by the top-K, at lifelong lengths, on any Ker
 
 Rows (median of ``--repeats`` compiled calls after a warm-up, random inputs of the model's
 sizes: d = 64, 4 heads): ``exact`` scores ``[B, L, d]`` keys (the vectors already computed:
-the cheapest exact case); ``fused S=32`` and ``per modality 5 x 16, C=512`` score ``[B, L, M,
+the cheapest exact case), inputs already on the device; ``fused S=32`` and ``per modality 5 x 16, C=512`` score ``[B, L, M,
 S]`` codes (SEMINAR's setting and this project's default). Writes
 ``pq_search_time_<backend>.{json,txt}``. Needs no TensorFlow under JAX (the GPU machine).
 """
@@ -64,9 +64,10 @@ def run(lengths, batches, top_k: int, repeats: int, seed: int = 0) -> list:
     exact.build((None, D), (None, None, D))
     for length in lengths:
         for b in batches:
-            target = rng.normal(size=(b, D)).astype("float32")
-            keys = rng.normal(size=(b, length, D)).astype("float32")
-            mask = np.ones((b, length), bool)
+            # Inputs made on the device: the timing is the search, not a host copy.
+            target = keras.random.normal((b, D), seed=seed)
+            keys = keras.random.normal((b, length, D), seed=seed + 1)
+            mask = ops.ones((b, length), dtype="bool")
 
             def search_exact(t, k, m):
                 return ops.top_k(exact(t, k, m), top_k)
@@ -80,8 +81,8 @@ def run(lengths, batches, top_k: int, repeats: int, seed: int = 0) -> list:
                 scorer.build((None, D))
                 m = len(scorer.groups)
                 scorer.set_codebooks(rng.normal(size=(m, s, c, D // s)).astype("float32"))
-                codes = rng.integers(0, c, size=(b, length, m, s)).astype("int32")
-                weights = np.full((b, length, m), 1.0 / m, np.float32)
+                codes = keras.random.randint((b, length, m, s), 0, c, seed=seed + 2, dtype="int32")
+                weights = ops.full((b, length, m), 1.0 / m, dtype="float32")
 
                 def search_codes(t, k, w, scorer=scorer):
                     return ops.top_k(scorer.score_codes(t, k, w), top_k)
