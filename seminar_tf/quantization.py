@@ -196,6 +196,8 @@ def code_tables(model, batch_size: int = 4096) -> dict:
     from seminar_tf import spec
 
     emb = model.pair_embedding
+    if emb.use_query_tokens and not emb.use_query_token_table:
+        raise ValueError("code tables need the model's query_tokens table")
     sizes = {"item": emb.num_items, "query": emb.num_queries if emb.use_query else 0}
     s = scorer.num_subvectors
     tables = {}
@@ -210,8 +212,6 @@ def code_tables(model, batch_size: int = 4096) -> dict:
             item = ids if side == "item" else np.full_like(ids, spec.NUM_RESERVED_IDS)
             query = ids if side == "query" else np.zeros_like(ids)
             inputs = {"hist_item": item, "hist_query": query}
-            if not emb.use_query_token_table and emb.use_query_tokens:
-                raise ValueError("code tables need the model's query_tokens table")
             vectors, masks = model.pq_vectors(inputs)
             codes = scorer.encode_codes({side: vectors[side]}, {side: masks[side]})
             at = scorer.group_names.index(side)

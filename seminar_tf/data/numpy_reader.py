@@ -380,7 +380,6 @@ class WindowDataset(keras.utils.PyDataset):
         self.events, self.records = records, records.records
         self.index = select_targets(self.records, split, targets)
         self.batch_size, self.max_len, self.history = batch_size, max_len, history
-        self.q = data_spec.max_query_tokens
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.drop_remainder, self.bucket_by_length = drop_remainder, bucket_by_length
         self.trim = trim or bucket_by_length

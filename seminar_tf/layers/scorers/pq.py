@@ -9,11 +9,12 @@ import keras
 from keras import ops
 
 from seminar_tf import spec
+from seminar_tf.layers.pair_embedding import QUERY_MODALITY
 from seminar_tf.layers.scorers.base import SearchScorer, register_scorer
 from seminar_tf.layers.scorers.exact import ExactScorer
 
 LAYOUTS = ("modality", "sides", "fused")
-ITEM_SIDE, QUERY_SIDE, FUSED = "item", "query", "fused"
+ITEM_SIDE, QUERY_SIDE, FUSED = "item", QUERY_MODALITY, "fused"
 
 
 def code_groups(modalities: tuple, layout: str) -> tuple:
@@ -65,6 +66,10 @@ class PQScorer(ExactScorer):
         modalities: names of the quantized modalities, in code order (``M`` of them).
         num_subvectors: ``S``, sub-vectors per modality vector (must divide ``d``).
         num_centroids: ``C``, centroids per codebook.
+        layout: what is coded (:func:`code_groups`): ``"modality"`` (each modality vector,
+            as above), ``"sides"`` (the item side and the query) or ``"fused"`` (the fused
+            key); ``M`` is then the number of coded vectors. Each is turned by its
+            ``rotations`` ``[M, d, d]`` (identity unless set, e.g. OPQ) before it is split.
         num_heads, head_dim, reduction, initialization: as :class:`ExactScorer`.
         **kwargs: ``keras.layers.Layer`` arguments.
 
