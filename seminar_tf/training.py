@@ -341,7 +341,7 @@ def quantize(
     data_dir: str,
     model_dir: str,
     out_dir: str,
-    num_subvectors: int = PQ_DEFAULTS["num_subvectors"],
+    num_subvectors: int | None = None,
     num_centroids: int = PQ_DEFAULTS["num_centroids"],
     max_vectors: int = 200_000,
     recall_ks: tuple | None = None,
@@ -353,7 +353,9 @@ def quantize(
     """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a
     product-quantized first stage (codebooks by k-means on training histories, of what
     ``layout`` codes, after an OPQ rotation with ``rotation``), saved as a model directory
-    ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take. With
+    ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take. ``num_subvectors``
+    defaults to ``PQ_DEFAULTS["num_subvectors"]`` (32), or the largest divisor of the
+    embedding size below it that is a power of two (16 for d = 16 or 48). With
     ``layout="sides"`` it also writes ``code_tables.npz`` (``item``, ``query``: the codes of
     every item and query, ``seminar_tf.quantization.code_tables``).
 
@@ -365,6 +367,9 @@ def quantize(
     from seminar_tf.quantization import gsu_recall, quantize_model
 
     model = load_model(model_dir)
+    if num_subvectors is None:
+        d = int(getattr(model, "embedding_dim", 0))
+        num_subvectors = math.gcd(d, PQ_DEFAULTS["num_subvectors"]) or PQ_DEFAULTS["num_subvectors"]
     with open(os.path.join(model_dir, CONFIG_FILE)) as f:
         run_cfg = json.load(f)
     cfg = TrainConfig(**{**run_cfg.get("train", {}), "seed": seed})

@@ -198,14 +198,15 @@ def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, 
         report = json.load(f)
     assert (report["layout"], report["rotation"]) == ("fused", False)
     assert report["code_bytes_per_behaviour"] == 4
+    # No --subvectors: 32 does not divide d = 16, so the default takes 16.
     sides = args[:-6] + ["--out", str(tmp_path / "sides"), "--layout", "sides", "--rotation",
-                         "--subvectors", "4", "--centroids", "16"]  # fmt: skip
+                         "--centroids", "16"]  # fmt: skip
     assert main(sides) == 0
     capsys.readouterr()
     tables = np.load(tmp_path / "sides" / training.CODE_TABLES_FILE)
     model = training.load_model(str(tmp_path / "sides"))
     assert model.gsu.scorer.layout == "sides"
-    assert tables["item"].shape == (model.pair_embedding.num_items, 4)
+    assert tables["item"].shape == (model.pair_embedding.num_items, 16)
     assert (tables["item"][1:] >= 0).all() and (tables["item"][1:] < 16).all()
 
 

@@ -238,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="learn an OPQ rotation (faiss) before splitting each coded vector",
     )  # fmt: skip
     qz.add_argument(
-        "--subvectors", type=positive_int, default=PQ_DEFAULTS["num_subvectors"],
-        help="sub-vectors per coded vector",
+        "--subvectors", type=positive_int, default=None,
+        help=f"sub-vectors per coded vector (default {PQ_DEFAULTS['num_subvectors']}, or the "
+        "largest power of two below it that divides the model's embedding size)",
     )  # fmt: skip
     qz.add_argument(
         "--centroids", type=positive_int, default=PQ_DEFAULTS["num_centroids"],
