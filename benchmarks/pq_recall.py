@@ -54,14 +54,6 @@ SHORTLISTS = (2, 4)  # shortlists of x * K re-ranked exactly
 FAISS_GRID = [("pq", 8), ("pq", 16), ("pq", 32), ("pq", 64), ("opq", 8), ("opq", 16), ("opq", 32)]
 
 
-def stored_bytes(layout: str, s: int, c: int, groups: int) -> int:
-    """Bytes a stored behaviour costs: its codes (1 byte a code up to 256 centroids, else 2),
-    or with per-item / per-query code tables ("sides") its two int32 ids."""
-    if layout == "sides":
-        return 8
-    return groups * s * (1 if c <= 256 else 2)
-
-
 def _np(x):
     import keras
 
@@ -235,17 +227,18 @@ def run_dataset(name: str, tmp: str, args) -> dict:
         pq_model, fit = quantize_model(exact, sample, s, c, max_vectors=args.max_vectors,
                                        layout=layout, rotation=rotation)  # fmt: skip
         fit_s = time.time() - t2
-        groups = len(pq_model.gsu.scorer.groups)
+        scorer = pq_model.gsu.scorer
         row = {
             "S": s, "C": c, "method": "pq", "layout": layout, "rotation": rotation,
             "fit_seconds": round(fit_s, 1),
             **recall_of(lambda f, m=pq_model: batch_scores(exact, m, f)),
             "relative_error": {m: r["relative_error"] for m, r in fit.items() if r["vectors"]},
-            "bytes_per_behaviour": stored_bytes(layout, s, c, groups),
-            "code_bytes_per_behaviour": groups * s * (1 if c <= 256 else 2),
+            # With per-item / per-query code tables ("sides") a stored behaviour is two ids.
+            "bytes_per_behaviour": 8 if layout == "sides" else scorer.code_bytes,
+            "code_bytes_per_behaviour": scorer.code_bytes,
         }  # fmt: skip
         if layout == "sides":
-            row["table_bytes_per_item_and_query"] = s * (1 if c <= 256 else 2)
+            row["table_bytes_per_item_and_query"] = scorer.code_bytes // len(scorer.groups)
         if (layout, rotation, s, c) in args.auc_at or args.auc_all:
             row.update(auc_of(pq_model))
         report(row)

@@ -178,7 +178,6 @@ def opq_rotation(
     opq.pq = pq
     opq.train(np.ascontiguousarray(x, np.float32))
     a = faiss.vector_to_array(opq.A).reshape(d, d)  # faiss applies y = A x
-    del pq
     return np.ascontiguousarray(a.T, np.float32)
 
 

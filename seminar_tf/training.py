@@ -397,15 +397,13 @@ def quantize(
     )  # fmt: skip
     os.makedirs(out_dir, exist_ok=True)
     pq_model.save(os.path.join(out_dir, MODEL_FILE))
-    scorer = pq_model.gsu.scorer
-    code_bytes = len(scorer.groups) * num_subvectors * (1 if num_centroids <= 256 else 2)
     report = {
         "source_model": os.path.abspath(model_dir),
         "layout": layout,
         "rotation": bool(rotation),
         "num_subvectors": num_subvectors,
         "num_centroids": num_centroids,
-        "code_bytes_per_behaviour": code_bytes,
+        "code_bytes_per_behaviour": pq_model.gsu.scorer.code_bytes,
         "codebooks": fit_report,
         "valid_gsu_recall": recall,
         "seconds": round(time.time() - t0, 2),

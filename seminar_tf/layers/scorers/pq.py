@@ -121,6 +121,11 @@ class PQScorer(ExactScorer):
         self.groups = code_groups(self.modalities, layout)
 
     @property
+    def code_bytes(self) -> int:
+        """Bytes of one behaviour's codes: ``M x S`` codes of 1 byte (``C <= 256``) or 2."""
+        return len(self.groups) * self.num_subvectors * (1 if self.num_centroids <= 256 else 2)
+
+    @property
     def group_names(self) -> tuple:
         """The names of the coded vectors, in code order (``M`` of them)."""
         return tuple(name for name, _ in self.groups)
