@@ -453,7 +453,8 @@ class ServingGraphs:
             result = self._retrieval_outputs(target, {**history, **counts}, order, extra, {})
         else:
             target = {**self._encode_raw(features, "target"), **counts}
-            if self.pq and not self.short_term:
+            # A shortlist is embedded again from its ids (SeminarCTR._rerank).
+            if self.pq and not self.short_term and self.model.shortlist <= 1:
                 encoded_history = self._mask_only_history(history)
             else:
                 encoded_history = self._encode_raw(history, "hist")

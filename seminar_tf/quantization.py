@@ -84,28 +84,29 @@ def _features(batch):
 def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
     """The coded GSU vectors (``model.pq_vectors``: per modality, per side or fused, as the
     ``"pq"`` scorer's layout says) of the histories in ``dataset`` (batches of model
-    features, or ``(features, label)``), read until every one has ``max_vectors``
-    behaviours or the data ends; padding and absent modalities are left out.
+    features, or ``(features, label)``), read until every one has ``max_vectors`` distinct
+    vectors or the data ends; padding and absent modalities are left out. (Stopping at
+    ``max_vectors`` behaviours instead read one or two batches of histories that repeat
+    the same items: the codebooks then fitted fewer items and lost recall against FAISS
+    trained on a sample of the whole set.)
 
     Returns ``{group: (vectors [N_g, d], counts [N_g])}``: the distinct vectors and how
     many behaviours had each (a history repeats items and queries)."""
-    found: dict[str, list] = {}
-    counts: dict[str, int] = {}
+    found: dict[str, tuple] = {}
     for batch in dataset:
         parts, masks = model.pq_vectors(_features(batch))
         for m, vectors in parts.items():
             present = np.asarray(keras.ops.convert_to_numpy(masks[m]), bool)
             v = np.asarray(keras.ops.convert_to_numpy(vectors), np.float32)[present]
-            found.setdefault(m, []).append(distinct_rows(v))
-            counts[m] = counts.get(m, 0) + len(v)
-        if counts and min(counts.values()) >= max_vectors:
+            rows, weights = distinct_rows(v)
+            if m in found:  # merged as it goes: memory stays O(distinct vectors)
+                rows, weights = distinct_rows(
+                    np.concatenate([found[m][0], rows]), np.concatenate([found[m][1], weights])
+                )
+            found[m] = (rows, weights)
+        if found and min(len(r) for r, _ in found.values()) >= max_vectors:
             break
-    out = {}
-    for m, chunks in found.items():
-        rows = np.concatenate([r for r, _ in chunks], axis=0)
-        if len(rows):
-            out[m] = distinct_rows(rows, np.concatenate([w for _, w in chunks]))
-    return out
+    return {m: (r, w) for m, (r, w) in found.items() if len(r)}
 
 
 def fit_codebooks(
@@ -268,11 +269,13 @@ def quantize_model(
     seed: int = 0,
     layout: str = "modality",
     rotation: bool = False,
+    shortlist: int = 1,
 ):
     """A copy of a trained ``search="exact"`` SeminarCTR whose first stage is the ``"pq"``
     scorer (codes of each modality, of the item and query sides, or of the fused key:
     ``layout``), with the same weights and codebooks (after an OPQ rotation with
-    ``rotation``) fitted on ``dataset``.
+    ``rotation``) fitted on ``dataset``; with ``shortlist`` ``r > 1`` its first stage keeps
+    the top ``r x K`` by the codes and re-ranks them exactly (``PQScorer``).
 
     Returns ``(pq_model, report)`` with the report of :func:`fit_codebooks`.
     """
@@ -296,6 +299,7 @@ def quantize_model(
         "num_subvectors": int(num_subvectors),
         "num_centroids": int(num_centroids),
         "layout": layout,
+        "shortlist": int(shortlist),
     }
     config.update(search="pq", search_config=search_config, name=f"{model.name}_pq")
     copy = SeminarCTR.from_config(config)
@@ -355,7 +359,7 @@ class FitCodebooks(keras.callbacks.Callback):
 
     Args:
         dataset: batches of model features (a finite sample of the training data).
-        max_vectors: vectors per modality for k-means.
+        max_vectors: distinct vectors per coded vector for k-means.
     """
 
     def __init__(self, dataset, max_vectors: int = 100_000):

@@ -24,7 +24,13 @@ from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 
 # seminar quantize's defaults: what benchmarks/pq_recall.py measured best at <= 32 bytes a
 # behaviour (docs/quantization.md).
-PQ_DEFAULTS = {"layout": "fused", "rotation": False, "num_subvectors": 32, "num_centroids": 256}
+PQ_DEFAULTS = {
+    "layout": "fused",
+    "rotation": False,
+    "num_subvectors": 32,
+    "num_centroids": 256,
+    "shortlist": 1,
+}
 
 DISTRIBUTE = ("none", "data", "mirrored")
 LR_SCALING = ("sqrt", "linear", "none")

@@ -349,10 +349,12 @@ def quantize(
     seed: int = 0,
     layout: str = PQ_DEFAULTS["layout"],
     rotation: bool = PQ_DEFAULTS["rotation"],
+    shortlist: int = PQ_DEFAULTS["shortlist"],
 ) -> dict:
     """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a
     product-quantized first stage (codebooks by k-means on training histories, of what
-    ``layout`` codes, after an OPQ rotation with ``rotation``), saved as a model directory
+    ``layout`` codes, after an OPQ rotation with ``rotation``; the top ``shortlist x K``
+    re-ranked exactly when ``shortlist > 1``), saved as a model directory
     ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take. ``num_subvectors``
     defaults to ``PQ_DEFAULTS["num_subvectors"]`` (32), or the largest divisor of the
     embedding size below it that is a power of two (16 for d = 16 or 48). With
@@ -385,8 +387,9 @@ def quantize(
     compact = compact_of(cfg, data_dir, model)
     sample = _codebook_sample(data_dir, cfg, records=records, compact=compact)
     pq_model, fit_report = quantize_model(
-        model, sample, num_subvectors, num_centroids, max_vectors, seed, layout, rotation
-    )
+        model, sample, num_subvectors, num_centroids, max_vectors, seed, layout, rotation,
+        shortlist,
+    )  # fmt: skip
     t1 = time.time()
     valid = windows(data_dir, "valid", cfg, reader, records, trim=True, compact=compact)
     recall = gsu_recall(model, pq_model, (f for f, _ in valid), recall_ks, recall_batches)
@@ -401,6 +404,7 @@ def quantize(
         "source_model": os.path.abspath(model_dir),
         "layout": layout,
         "rotation": bool(rotation),
+        "shortlist": int(shortlist),
         "num_subvectors": num_subvectors,
         "num_centroids": num_centroids,
         "code_bytes_per_behaviour": pq_model.gsu.scorer.code_bytes,

@@ -214,3 +214,60 @@ def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
     by_item = {r["item_id"]: r["probability"] for r in ranked}
     for i, c in enumerate(candidates):
         assert by_item[c["item_id"]] == pytest.approx(float(probability[i]), rel=1e-5, abs=1e-6)
+
+
+def test_a_shortlist_model_serves_its_exact_re_rank(tiny, tmp_path):
+    """A pq model that re-ranks a shortlist (``seminar quantize --shortlist``) exports and
+    serves what Keras computes, raw (the history's ids are looked up for the re-rank) and
+    encoded, and keeps only exact top-K choices."""
+    import shutil
+
+    import keras
+
+    model_dir = str(tmp_path / "shortlist")
+    shutil.copytree(tiny["pq_model"], model_dir)
+    model = training.load_model(model_dir)
+    model.gsu.scorer.shortlist = model.search_config["shortlist"] = 3  # what quantize writes
+    model.save(os.path.join(model_dir, training.MODEL_FILE))
+    model = training.load_model(model_dir)
+    assert model.shortlist == 3
+    keras.backend.clear_session()
+    writer.export_models(model_dir, str(tmp_path / "export"), version=1)
+    served = {
+        m: tf.saved_model.load(writer.version_dir(str(tmp_path / "export"), m))
+        for m in spec.SERVING_MODELS
+    }
+    features = _batch(tiny)
+    codes = np.asarray(model.pq_codes(features))
+    wanted = spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES + (spec.USER_COUNTS,)
+    hist = {f.name: features[f.name] for f in wanted}
+    out = _call(served, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
+    want = model.retrieve(features)
+    kept = np.asarray(want["kept_mask"])
+    np.testing.assert_array_equal(out["kept_position"], np.where(kept, want["indices"], -1))
+    np.testing.assert_allclose(out["kept_score"], np.asarray(want["scores"]), rtol=1e-4, atol=1e-4)
+    probability = _call(served, "ranking", "rank_encoded", {**features, **out})["probability"]
+    np.testing.assert_allclose(probability, np.asarray(model(features)), rtol=1e-4, atol=1e-5)
+    # Raw: the request's strings are looked up for the re-rank, as the encoded ids are.
+    vocab = os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])
+    items = [line.rstrip("\n") for line in open(vocab, encoding="utf-8")]
+    history = [{"item_id": items[i * 7 % len(items)], "query": ""} for i in range(40)]
+    raw = pad_histories([history])
+    pad = raw["hist_item"].shape[1] - len(history)  # the client pads on the left
+    ids = np.array([[0] * pad + [items.index(h["item_id"]) + 2 for h in history]], np.int64)
+    q = spec.DataSpec.load(tiny["data"]).max_query_tokens
+    encoded = {"hist_item": ids, "hist_query": np.zeros_like(ids),
+               "hist_query_tokens": np.zeros(ids.shape + (q,), np.int64)}  # fmt: skip
+    enc_codes = np.asarray(model.pq_codes(encoded))
+    raw_out = _call(served, "retrieval", "retrieve", {
+        **raw, CODES: enc_codes, "target_item": np.array([items[4].encode()], object),
+        "target_query": np.array([b""], object),
+        "target_attributes": _no_attributes(tiny, 1, raw=True)})  # fmt: skip
+    enc_out = _call(served, "retrieval", "retrieve_encoded", {
+        **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
+        "target_item": np.array([items.index(items[4]) + 2]), "target_query": np.array([0]),
+        "target_query_tokens": np.zeros((1, q), np.int64),
+        "target_attributes": _no_attributes(tiny, 1)})  # fmt: skip
+    assert (enc_out["kept_position"] >= 0).sum() == model.top_k
+    for name in ("kept_position", "kept_score"):
+        np.testing.assert_allclose(raw_out[name], enc_out[name], rtol=1e-5, atol=1e-6)

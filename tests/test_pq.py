@@ -319,3 +319,81 @@ def test_side_codes_come_from_per_item_and_per_query_tables(exact_model):
     modality_model, _ = quantize_model(exact_model, [x], num_subvectors=4, num_centroids=8)
     with pytest.raises(ValueError, match="sides"):
         code_tables(modality_model)
+
+
+def _retrieve_with_k(model, x, k, **kwargs):
+    """``model.retrieve`` keeping ``k`` (the GSU's own k is restored after)."""
+    kept, model.gsu.k = model.gsu.k, k
+    try:
+        return {n: np_(v) for n, v in model.retrieve(x, **kwargs).items()}
+    finally:
+        model.gsu.k = kept
+
+
+@pytest.mark.parametrize("layout", ["modality", "fused"])
+def test_a_shortlist_covering_the_history_gives_the_exact_first_stage(exact_model, layout):
+    """With r x K >= L every behaviour is re-ranked by its exact score: whatever the codes
+    (one centroid: every behaviour has the same code score), the kept K, their scores and
+    the click probability are the exact model's, in both of ``call``'s paths and from
+    stored codes."""
+    x = batch(seed=9)
+    length, k = x["hist_item"].shape[1], exact_model.top_k
+    coarse, _ = quantize_model(exact_model, [x], num_subvectors=1, num_centroids=1, layout=layout)
+    assert gsu_recall(exact_model, coarse, [x], ks=(k,))[f"recall@{k}"] < 0.9
+    full, _ = quantize_model(
+        exact_model, [x], num_subvectors=1, num_centroids=1, layout=layout,
+        shortlist=-(-length // k),
+    )  # fmt: skip
+    assert full.shortlist * k >= length and full.gsu.scorer.get_config()["shortlist"] > 1
+    ref = exact_model.retrieve(x)
+    codes = {spec.PQ_CODES.name: full.pq_codes(x)}
+    for got in (full.retrieve(x), full.retrieve(x, extra_key_parts=codes)):
+        np.testing.assert_array_equal(np_(got["kept_mask"]), np_(ref["kept_mask"]))
+        np.testing.assert_array_equal(np_(got["indices"]), np_(ref["indices"]))
+        np.testing.assert_allclose(np_(got["scores"]), np_(ref["scores"]), atol=1e-5)
+    expected = np_(exact_model(x))
+    for reembed in (False, True):
+        full.reembed_kept = exact_model.reembed_kept = reembed
+        np.testing.assert_allclose(np_(full(x)), np_(exact_model(x)), atol=1e-5)
+        np.testing.assert_allclose(np_(full(x)), expected, atol=1e-5)
+    full.reembed_kept = exact_model.reembed_kept = None
+
+
+def test_a_shortlist_keeps_its_best_by_exact_score(exact_model):
+    """r = 2: the kept K are the K best by exact score among the top 2K by the codes, the
+    same through ``score_candidates`` as on repeated rows; training still scores exactly."""
+    x = batch(seed=10)
+    length, k = x["hist_item"].shape[1], exact_model.top_k
+    pq_model, _ = quantize_model(
+        exact_model, [x], num_subvectors=2, num_centroids=2, layout="fused", shortlist=2
+    )
+    got = {n: np_(v) for n, v in pq_model.retrieve(x).items()}
+    pq_model.gsu.scorer.shortlist = 1
+    try:
+        short = _retrieve_with_k(pq_model, x, 2 * k)  # the codes' top 2K
+    finally:
+        pq_model.gsu.scorer.shortlist = 2
+    every = _retrieve_with_k(exact_model, x, length)  # all behaviours, by exact score
+    changed = 0
+    for r in range(len(got["indices"])):
+        exact = dict(zip(every["indices"][r][every["kept_mask"][r]].tolist(),
+                         every["scores"][r][every["kept_mask"][r]].tolist()))  # fmt: skip
+        listed = [i for i in short["indices"][r][short["kept_mask"][r]].tolist()]
+        want = sorted(listed, key=lambda i: (-exact[i], i))[:k]
+        kept = got["indices"][r][got["kept_mask"][r]].tolist()
+        assert kept == want[: len(kept)] and len(kept) == min(k, len(listed))
+        np.testing.assert_allclose(got["scores"][r][: len(kept)], [exact[i] for i in kept],
+                                   atol=1e-5)  # fmt: skip
+        changed += kept != short["indices"][r][: len(kept)].tolist()
+    assert changed > 0  # the re-rank changed some rows' choice
+    candidates = np.random.default_rng(2).integers(
+        spec.NUM_RESERVED_IDS, SPEC.num_items, size=(len(got["indices"]), 3)
+    )
+    scored = np_(pq_model.score_candidates(x, candidates))
+    tiled = {n: np.repeat(v, 3, axis=0) for n, v in x.items()}
+    tiled["target_item"] = candidates.reshape(-1).astype(x["target_item"].dtype)
+    np.testing.assert_allclose(scored.reshape(-1), np_(pq_model(tiled)), rtol=1e-5, atol=1e-6)
+    loaded = PQScorer.from_config(pq_model.gsu.scorer.get_config())
+    assert loaded.shortlist == 2
+    with pytest.raises(ValueError, match="shortlist"):
+        PQScorer(modalities=("id",), shortlist=0)

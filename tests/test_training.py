@@ -200,12 +200,15 @@ def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, 
     assert report["code_bytes_per_behaviour"] == 4
     # No --subvectors: 32 does not divide d = 16, so the default takes 16.
     sides = args[:-6] + ["--out", str(tmp_path / "sides"), "--layout", "sides", "--rotation",
-                         "--centroids", "16"]  # fmt: skip
+                         "--centroids", "16", "--shortlist", "3"]  # fmt: skip
     assert main(sides) == 0
-    capsys.readouterr()
+    shortlisted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert shortlisted["recall@8"] >= recall["recall@8"]
     tables = np.load(tmp_path / "sides" / training.CODE_TABLES_FILE)
     model = training.load_model(str(tmp_path / "sides"))
-    assert model.gsu.scorer.layout == "sides"
+    assert model.gsu.scorer.layout == "sides" and model.shortlist == 3
+    with open(tmp_path / "sides" / training.QUANTIZATION_FILE) as f:
+        assert json.load(f)["shortlist"] == 3
     assert tables["item"].shape == (model.pair_embedding.num_items, 16)
     assert (tables["item"][1:] >= 0).all() and (tables["item"][1:] < 16).all()
 

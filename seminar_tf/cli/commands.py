@@ -276,7 +276,7 @@ def cmd_quantize(args, extra) -> int:
     report = training.quantize(
         args.data, args.model, args.out, num_subvectors=args.subvectors,
         num_centroids=args.centroids, max_vectors=args.max_vectors, seed=args.seed,
-        layout=args.layout, rotation=args.rotation,
+        layout=args.layout, rotation=args.rotation, shortlist=args.shortlist,
     )  # fmt: skip
     print(json.dumps(report["valid_gsu_recall"]))
     return 0

@@ -247,7 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="centroids per codebook (<= 256: one byte a code)",
     )  # fmt: skip
     qz.add_argument(
-        "--max-vectors", type=positive_int, default=200_000, help="k-means sample per modality"
+        "--shortlist", type=positive_int, default=PQ_DEFAULTS["shortlist"],
+        help="keep the top SHORTLIST x K behaviours by their codes and re-rank them by the "
+        "exact score, embedding them again from their ids (1: no re-rank)",
+    )  # fmt: skip
+    qz.add_argument(
+        "--max-vectors",
+        type=positive_int,
+        default=200_000,
+        help="distinct vectors per coded vector to fit k-means on (read from 40 batches of "
+        "training histories at most)",
     )
     qz.add_argument("--seed", type=seed, default=0, help="random seed (k-means, sampling)")
     qz.set_defaults(func=commands.cmd_quantize)

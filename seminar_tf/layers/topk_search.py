@@ -114,13 +114,14 @@ class TopKSearch(keras.layers.Layer):
 
     def search_many(
         self, targets, keys, mask, target_parts=None, key_parts=None, key_weights=None,
-        training=None,
+        training=None, k: int | None = None,
     ):  # fmt: skip
         """``call`` for ``C`` targets per history: ``targets [B, C, d]`` (``target_parts``
         ``{m: [B, C, d]}``) against ``keys [B, L, d]`` / ``mask [B, L]`` (and the history's
         parts and weights) -> ``(indices, kept_mask, scores)`` each ``[B, C, k]``, equal
         to ``call`` on every (target, history) pair, with the history transformed once
-        where the scorer allows (``SearchScorer.score_many``)."""
+        where the scorer allows (``SearchScorer.score_many``). ``k`` overrides the layer's
+        ``k`` (a longer shortlist)."""
         mask = ops.cast(mask, "bool")
         scores = self.scorer.score_many(
             targets, keys, mask, target_parts=target_parts, key_parts=key_parts,
@@ -128,33 +129,36 @@ class TopKSearch(keras.layers.Layer):
         )  # fmt: skip
         c = ops.shape(targets)[1]
         flat = ops.reshape(scores, (-1, ops.shape(scores)[-1]))
-        out = self.select(flat, ops.repeat(mask, c, axis=0))
-        return tuple(ops.reshape(x, (-1, c, self.k)) for x in out)
+        out = self.select(flat, ops.repeat(mask, c, axis=0), k)
+        return tuple(ops.reshape(x, (-1, c, k or self.k)) for x in out)
 
-    def _block(self, length) -> int:
-        """Block size for a history of static ``length`` (0: one plain ``top_k``)."""
+    def _block(self, length, k: int | None = None) -> int:
+        """Block size for a history of static ``length`` and ``k`` kept (default: the
+        layer's; 0: one plain ``top_k``)."""
+        k = k or self.k
         if length is None or self.block_size == 0:
             return 0
         if self.block_size is not None:
             return self.block_size
-        if keras.backend.backend() == "jax" and length >= self.AUTO_BLOCK_MIN_RATIO * self.k:
+        if keras.backend.backend() == "jax" and length >= self.AUTO_BLOCK_MIN_RATIO * k:
             return self.AUTO_BLOCK
         return 0
 
-    def select(self, scores, mask):
-        """``(indices, kept_mask, kept scores)`` of the ``k`` best of ``scores [B, L]`` where
-        ``mask [B, L]`` is true (see the class docstring)."""
+    def select(self, scores, mask, k: int | None = None):
+        """``(indices, kept_mask, kept scores)`` of the ``k`` (default: the layer's) best of
+        ``scores [B, L]`` where ``mask [B, L]`` is true (see the class docstring)."""
+        k = k or self.k
         mask = ops.cast(mask, "bool")
         scores = ops.cast(scores, "float32")
         # Append k masked columns so top_k always has >= k candidates (handles L < k).
-        scores = ops.pad(scores, [[0, 0], [0, self.k]])
-        mask_f = ops.pad(ops.cast(mask, "float32"), [[0, 0], [0, self.k]])
+        scores = ops.pad(scores, [[0, 0], [0, k]])
+        mask_f = ops.pad(ops.cast(mask, "float32"), [[0, 0], [0, k]])
         ranked = ops.where(mask_f > 0, scores, _ops.MASK_VALUE)
-        block = self._block(ranked.shape[1])
+        block = self._block(ranked.shape[1], k)
         if block:
-            _, indices = _ops.top_k_by_blocks(ranked, self.k, block)
+            _, indices = _ops.top_k_by_blocks(ranked, k, block)
         else:
-            _, indices = ops.top_k(ranked, k=self.k, sorted=True)
+            _, indices = ops.top_k(ranked, k=k, sorted=True)
         kept_mask = ops.take_along_axis(mask_f, indices, axis=1) > 0
         kept_scores = ops.take_along_axis(scores, indices, axis=1)
         indices = ops.where(kept_mask, ops.cast(indices, "int32"), 0)

@@ -626,15 +626,10 @@ class SeminarCTR(keras.Model):
                 gsu_target, gsu_keys, t_parts, h_parts = self._gsu_inputs(
                     t_vec, t_mask, target_pair, h_vec, h_mask, h_weights, hist_pair
                 )
-                indices, kept_mask, kept_scores = self.gsu(
-                    gsu_target,
-                    gsu_keys,
-                    mask,
-                    target_parts=t_parts,
-                    key_parts=h_parts,
-                    key_weights=h_weights,
-                    training=training,
-                )
+                indices, kept_mask, kept_scores = self._search(
+                    inputs, (t_vec, t_mask, target_pair), gsu_target, gsu_keys, mask,
+                    t_parts, h_parts, h_weights, training,
+                )  # fmt: skip
                 gather = ops.broadcast_to(
                     ops.expand_dims(indices, -1),
                     (ops.shape(indices)[0], self.top_k, self.embedding_dim),
@@ -678,13 +673,63 @@ class SeminarCTR(keras.Model):
             {m: sg(v) for m, v in t_vec.items()}, t_mask, sg(target_pair), h_vec, h_mask,
             h_weights,
         )  # fmt: skip
-        indices, kept_mask, _ = self.gsu(
-            sg(gsu_target), sg(gsu_keys), mask, target_parts=t_parts, key_parts=h_parts,
-            key_weights=h_weights, training=training,
+        indices, kept_mask, _ = self._search(
+            inputs, (t_vec, t_mask, target_pair), sg(gsu_target), sg(gsu_keys), mask, t_parts,
+            h_parts, h_weights, training,
         )  # fmt: skip
         return self._second_stage(
             inputs, mask, sg(indices), sg(kept_mask), t_vec, t_mask, target_pair, 1, training
         )
+
+    @property
+    def shortlist(self) -> int:
+        """``r`` of a ``"pq"`` first stage that re-ranks its top ``r x K`` exactly
+        (``PQScorer.shortlist``); 1 for every other model."""
+        if self.search != "pq" or self.gsu is None:
+            return 1
+        return self.gsu.scorer.shortlist
+
+    def _search(
+        self, inputs, target, gsu_target, gsu_keys, mask, t_parts=None, h_parts=None,
+        h_weights=None, training=None,
+    ):  # fmt: skip
+        """The GSU's ``(indices, kept_mask, scores)`` ``[B, K]`` over the history of
+        ``inputs``; with a shortlist (outside training), the top ``r x K`` by the codes
+        re-ranked by :meth:`_rerank` (``target`` = the target's ``(vectors, masks, pair)``)."""
+        r = self.shortlist
+        if training or r <= 1:
+            return self.gsu(
+                gsu_target, gsu_keys, mask, target_parts=t_parts, key_parts=h_parts,
+                key_weights=h_weights, training=training,
+            )  # fmt: skip
+        scores = self.gsu.score_all(gsu_target, gsu_keys, mask, t_parts, h_parts, h_weights)
+        indices, kept_mask, _ = self.gsu.select(scores, mask, r * self.top_k)
+        return self._rerank(inputs, indices, kept_mask, *target)
+
+    def _rerank(self, inputs, indices, kept_mask, t_vec, t_mask, target_pair, per: int = 1):
+        """The ``K`` best of a shortlist by exact GSU score: ``indices`` / ``kept_mask``
+        ``[B, per * N]`` index the history of ``inputs`` ``[B, L]`` (``N`` per target,
+        ``per`` targets a history; the target's ``t_vec`` / ``target_pair`` ``[B * per,
+        ...]``). Those behaviours are embedded again from their ids and scored as the
+        ``"exact"`` scorer would. Returns ``(indices, kept_mask, scores)`` ``[B * per, K]``,
+        the indices into the history, best first."""
+        k_vec, k_mask, k_weights, kept_pair = self._reembed(inputs, indices, kept_mask)
+        n = ops.shape(indices)[1] // per
+
+        def unfold(x):  # [B, per * N, ...] -> [B * per, N, ...]
+            return x if per == 1 else ops.reshape(x, (-1, n) + tuple(x.shape[2:]))
+
+        k_vec, k_mask, k_weights = (
+            {m: unfold(v) for m, v in d.items()} for d in (k_vec, k_mask, k_weights)
+        )
+        indices, kept_mask, kept_pair = unfold(indices), unfold(kept_mask), unfold(kept_pair)
+        g_target, g_keys, _, _ = self._gsu_inputs(
+            t_vec, t_mask, target_pair, k_vec, k_mask, k_weights, kept_pair
+        )
+        exact = self.gsu.scorer.exact_scores(g_target, g_keys, kept_mask)
+        best, best_mask, best_scores = self.gsu.select(exact, kept_mask)
+        chosen = ops.take_along_axis(ops.cast(indices, "int32"), best, axis=1)
+        return ops.where(best_mask, chosen, 0), best_mask, best_scores
 
     def _hist_tokens(self, inputs):
         """``hist_query_tokens``, or None where the ``query_tokens`` table stands in for it."""
@@ -735,10 +780,13 @@ class SeminarCTR(keras.Model):
             g_target, g_keys, g_t_parts, g_k_parts = self._gsu_inputs(
                 t_vec, t_mask, target_pair, k_vec, k_mask, k_weights, kept_pair
             )
-            scores = self.gsu.score_all(
-                g_target, g_keys, kept_mask, target_parts=g_t_parts, key_parts=g_k_parts,
-                key_weights=k_weights, training=training,
-            )  # fmt: skip
+            if self.shortlist > 1 and not training:  # the kept were chosen by exact scores
+                scores = self.gsu.scorer.exact_scores(g_target, g_keys, kept_mask)
+            else:
+                scores = self.gsu.score_all(
+                    g_target, g_keys, kept_mask, target_parts=g_t_parts, key_parts=g_k_parts,
+                    key_weights=k_weights, training=training,
+                )  # fmt: skip
             bias = self.gsu_bias_weight * ops.where(kept_mask, ops.cast(scores, "float32"), 0.0)
         pooled, _ = self.esu(target_pair, keys, kept_mask, score_bias=bias, training=training)
         out = [pooled, target_pair * pooled]
@@ -781,10 +829,17 @@ class SeminarCTR(keras.Model):
         def fold(x):  # [B * C, ...] -> [B, C, ...]
             return ops.reshape(x, (-1, c) + tuple(x.shape[1:]))
 
+        r = self.shortlist
         indices, kept_mask, _ = self.gsu.search_many(
             fold(gsu_target), gsu_keys, mask, target_parts={m: fold(v) for m, v in t_parts.items()},
-            key_parts=h_parts, key_weights=h_weights,
+            key_parts=h_parts, key_weights=h_weights, k=r * self.top_k,
         )  # fmt: skip
+        if r > 1:
+            short = (-1, c * r * self.top_k)
+            indices, kept_mask, _ = self._rerank(
+                inputs, ops.reshape(indices, short), ops.reshape(kept_mask, short), t_vec,
+                t_mask, target_pair, per=c,
+            )  # fmt: skip
         flat = (-1, c * self.top_k)
         features = [target_pair] + self._second_stage(
             inputs, mask, ops.reshape(indices, flat), ops.reshape(kept_mask, flat), t_vec,
@@ -940,9 +995,10 @@ class SeminarCTR(keras.Model):
             weights = emb.fusion_weights(h_mask, item_present=mask)
             # The codes replace the key vectors, which are never computed: the scorer reads
             # only key_parts/key_weights outside training, so the target stands in for keys.
-            indices, kept_mask, scores = self.gsu(
-                gsu_target, gsu_target, mask, key_parts=extra, key_weights=weights
-            )
+            indices, kept_mask, scores = self._search(
+                inputs, (t_vec, t_mask, target_pair), gsu_target, gsu_target, mask,
+                h_parts=extra, h_weights=weights,
+            )  # fmt: skip
         else:
             h_vec, h_mask = emb.encode(hist_item, inputs["hist_query"], self._hist_tokens(inputs))
             weights = emb.fusion_weights(h_mask)
@@ -950,14 +1006,10 @@ class SeminarCTR(keras.Model):
                 t_vec, t_mask, target_pair, h_vec, h_mask, weights
             )
             hist_pair = None if self.gsu_modalities else gsu_keys
-            indices, kept_mask, scores = self.gsu(
-                gsu_target,
-                gsu_keys,
-                mask,
-                target_parts=t_parts,
-                key_parts={**h_parts, **extra},
-                key_weights=weights,
-            )
+            indices, kept_mask, scores = self._search(
+                inputs, (t_vec, t_mask, target_pair), gsu_target, gsu_keys, mask, t_parts,
+                {**h_parts, **extra}, weights,
+            )  # fmt: skip
         out = {"indices": indices, "kept_mask": kept_mask, "scores": scores}
         if self.short_term_len:
             if hist_pair is None:

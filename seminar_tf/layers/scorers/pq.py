@@ -70,6 +70,10 @@ class PQScorer(ExactScorer):
             as above), ``"sides"`` (the item side and the query) or ``"fused"`` (the fused
             key); ``M`` is then the number of coded vectors. Each is turned by its
             ``rotations`` ``[M, d, d]`` (identity unless set, e.g. OPQ) before it is split.
+        shortlist: ``r``; with ``r > 1`` a ``SeminarCTR`` (outside training) keeps the top
+            ``r x K`` behaviours by their codes, embeds those again from their ids and keeps
+            the ``K`` best by the exact score (:meth:`exact_scores`): the quantization only
+            has to bring the exact top K into the shortlist. 1 (default): no re-rank.
         num_heads, head_dim, reduction, initialization: as :class:`ExactScorer`.
         **kwargs: ``keras.layers.Layer`` arguments.
 
@@ -92,6 +96,7 @@ class PQScorer(ExactScorer):
         num_subvectors: int = 16,
         num_centroids: int = 512,
         layout: str = "modality",
+        shortlist: int = 1,
         num_heads: int = 4,
         head_dim: int | None = None,
         reduction: str = "mean",
@@ -109,7 +114,11 @@ class PQScorer(ExactScorer):
             raise ValueError(f"`modalities` must be a non-empty list of names, got {modalities!r}.")
         if len(set(modalities)) != len(modalities):
             raise ValueError(f"`modalities` has duplicates: {modalities!r}.")
-        for name, value in (("num_subvectors", num_subvectors), ("num_centroids", num_centroids)):
+        for name, value in (
+            ("num_subvectors", num_subvectors),
+            ("num_centroids", num_centroids),
+            ("shortlist", shortlist),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if layout not in LAYOUTS:
@@ -118,6 +127,7 @@ class PQScorer(ExactScorer):
         self.num_subvectors = num_subvectors
         self.num_centroids = num_centroids
         self.layout = layout
+        self.shortlist = shortlist
         self.groups = code_groups(self.modalities, layout)
 
     @property
@@ -270,6 +280,11 @@ class PQScorer(ExactScorer):
         u = ops.reshape(u, (-1, len(self.groups), self.num_subvectors, e))
         return ops.einsum("bmse,msce->bmsc", u, self.codebooks), c
 
+    def exact_scores(self, target, keys, mask=None):
+        """The exact (unquantized) scores ``[B, N]`` of fused keys ``[B, N, d]``, as the
+        ``"exact"`` scorer gives them: what a shortlist is re-ranked by."""
+        return ExactScorer.call(self, target, keys, mask)
+
     def score_codes(self, target, codes, weights):
         """Scores ``[B, L]`` of the behaviours stored as ``codes`` int ``[B, L, M, S]``,
         fused with ``weights`` ``[B, L, M]``."""
@@ -364,6 +379,7 @@ class PQScorer(ExactScorer):
                 "num_subvectors": self.num_subvectors,
                 "num_centroids": self.num_centroids,
                 "layout": self.layout,
+                "shortlist": self.shortlist,
             }
         )
         return config
