@@ -37,21 +37,29 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.quality import prepare  # noqa: E402
 from benchmarks.serving import machine, write_results  # noqa: E402
 from seminar_tf import evaluation, training  # noqa: E402
+from seminar_tf.train_config import PQ_DEFAULTS  # noqa: E402
 
 TOP_K = 50
 KS = (10, 50)
 GRID = [(16, 16), (16, 64), (16, 256), (16, 512), (8, 256), (32, 256)]  # (S, C), per modality
 # What is coded (issue: quantize what is scored), each (layout, OPQ rotation, S, C).
+# What is coded (issue: quantize what is scored), each (layout, transform, S, C); transform
+# "" (none), "opq" (OPQ rotation), "score" (score-aware), "score+opq" (both).
 LAYOUT_GRID = [
-    ("sides", False, 8, 256), ("sides", False, 16, 256), ("sides", True, 16, 256),
-    ("sides", True, 32, 256),
-    ("fused", False, 8, 256), ("fused", False, 16, 256), ("fused", False, 32, 256),
-    ("fused", True, 8, 256), ("fused", True, 16, 256), ("fused", True, 32, 256),
-    ("fused", True, 64, 256),
+    ("fused", "", 8, 256), ("fused", "", 16, 256), ("fused", "", 32, 256),
+    ("fused", "", 64, 256),
+    ("fused", "opq", 8, 256), ("fused", "opq", 16, 256), ("fused", "opq", 32, 256),
+    ("fused", "score", 8, 256), ("fused", "score", 16, 256), ("fused", "score", 32, 256),
+    ("fused", "score+opq", 8, 256), ("fused", "score+opq", 16, 256),
+    ("fused", "score+opq", 32, 256), ("fused", "score+opq", 64, 256),
+    ("sides", "score+opq", 8, 256), ("sides", "score+opq", 16, 256),
+    ("sides", "score+opq", 32, 256),
 ]  # fmt: skip
-DEFAULT_AT = ("fused", False, 32, 256)  # seminar quantize's default, test AUC measured
+# seminar quantize's default (PQ_DEFAULTS), its test AUC measured with its shortlist
+DEFAULT_AT = ("fused", "score+opq", PQ_DEFAULTS["num_subvectors"], PQ_DEFAULTS["num_centroids"])
 SHORTLISTS = (2, 4)  # shortlists of x * K re-ranked exactly
-FAISS_GRID = [("pq", 8), ("pq", 16), ("pq", 32), ("pq", 64), ("opq", 8), ("opq", 16), ("opq", 32)]
+FAISS_GRID = [("pq", 8), ("pq", 16), ("pq", 32), ("pq", 64), ("opq", 8), ("opq", 16), ("opq", 32),
+              ("rq", 8), ("rq", 16), ("rq", 32)]  # fmt: skip
 
 
 def _np(x):
@@ -87,7 +95,7 @@ def batch_scores(exact, pq_model, features) -> dict:
         if g not in t_vectors:
             continue
         sub = books[i][np.arange(books.shape[1])[None, :], np.maximum(t_codes[:, i], 0)]
-        rebuilt = sub.reshape(len(sub), -1) @ rotations[i].T * (t_codes[:, i, :1] >= 0)
+        rebuilt = sub.reshape(len(sub), -1) @ np.linalg.inv(rotations[i]) * (t_codes[:, i, :1] >= 0)
         sym_target = sym_target + rebuilt * _np(t_totals[g])[:, None]
     return {
         "exact": _np(exact.gsu.scorer(target, keys, mask)),
@@ -109,12 +117,14 @@ def fused_keys(exact, features):
 
 
 def faiss_codec(kind: str, m: int, sample: np.ndarray):
-    """A FAISS PQ (or OPQ + PQ) of ``m`` bytes, 8 bits a code, trained on ``sample``."""
+    """A FAISS PQ (or OPQ + PQ, or residual quantizer) of ``m`` bytes, 8 bits a code,
+    trained on ``sample`` (the residual quantizer on 50,000 of it: its beam search is slow)."""
     import faiss
 
     d = sample.shape[1]
-    index = faiss.index_factory(d, f"OPQ{m},PQ{m}x8" if kind == "opq" else f"PQ{m}x8")
-    index.train(np.ascontiguousarray(sample, np.float32))
+    factory = {"pq": f"PQ{m}x8", "opq": f"OPQ{m},PQ{m}x8", "rq": f"RQ{m}x8"}[kind]
+    index = faiss.index_factory(d, factory)
+    index.train(np.ascontiguousarray(sample[:50_000] if kind == "rq" else sample, np.float32))
     return index
 
 
@@ -214,23 +224,30 @@ def run_dataset(name: str, tmp: str, args) -> dict:
 
     def report(row):
         rows.append(row)
-        print(f"[{name}] {row['method']} {row.get('layout', '')} {'OPQ ' if row.get('rotation') else ''}"
+        print(f"[{name}] {row['method']} {row.get('layout', '')} {row.get('transform') or ''} "
               f"S={row['S']} C={row['C']} ({row['bytes_per_behaviour']} B): recall@10 "
               f"{row['recall@10']:.3f} recall@50 {row['recall@50']:.3f}"
               + (f" test AUC {row['auc']:.4f}" if "auc" in row else ""), flush=True)  # fmt: skip
 
-    grid = [("modality", False, s_, c_) for s_, c_ in GRID] if "modality" in args.parts else []
+    grid = [("modality", "", s_, c_) for s_, c_ in GRID] if "modality" in args.parts else []
     grid += LAYOUT_GRID if "layouts" in args.parts else []
-    grid += [DEFAULT_AT, ("fused", True, 32, 256)] if "default" in args.parts else []
-    for layout, rotation, s, c in grid:
+    grid += [DEFAULT_AT, ("fused", "", 32, 256)] if "default" in args.parts else []
+    for layout, transform, s, c in grid:
+        rotation, score_aware = "opq" in transform, "score" in transform
+        # The default re-ranks a shortlist: its test AUC is measured with it (the recall
+        # columns are the codes' alone, and the shortlist columns what re-ranks keep).
+        default = (layout, transform, s, c) == DEFAULT_AT
+        shortlist = PQ_DEFAULTS["shortlist"] if default else 1
         t2 = time.time()
         pq_model, fit = quantize_model(exact, sample, s, c, max_vectors=args.max_vectors,
-                                       layout=layout, rotation=rotation)  # fmt: skip
+                                       layout=layout, rotation=rotation,
+                                       score_aware=score_aware, shortlist=shortlist)  # fmt: skip
         fit_s = time.time() - t2
         scorer = pq_model.gsu.scorer
         row = {
             "S": s, "C": c, "method": "pq", "layout": layout, "rotation": rotation,
-            "fit_seconds": round(fit_s, 1),
+            "score_aware": score_aware, "transform": transform, "shortlist": shortlist,
+            "default": default, "fit_seconds": round(fit_s, 1),
             **recall_of(lambda f, m=pq_model: batch_scores(exact, m, f)),
             "relative_error": {m: r["relative_error"] for m, r in fit.items() if r["vectors"]},
             # With per-item / per-query code tables ("sides") a stored behaviour is two ids.
@@ -239,7 +256,7 @@ def run_dataset(name: str, tmp: str, args) -> dict:
         }  # fmt: skip
         if layout == "sides":
             row["table_bytes_per_item_and_query"] = scorer.code_bytes // len(scorer.groups)
-        if (layout, rotation, s, c) in args.auc_at or args.auc_all:
+        if (layout, transform, s, c) in args.auc_at or args.auc_all:
             row.update(auc_of(pq_model))
         report(row)
     if "faiss" in args.parts:
@@ -255,7 +272,7 @@ def run_dataset(name: str, tmp: str, args) -> dict:
             t2 = time.time()
             index = faiss_codec(kind, m, keys)
             row = {"S": m, "C": 256, "method": f"faiss-{kind}", "layout": "fused",
-                   "rotation": kind == "opq", "fit_seconds": round(time.time() - t2, 1),
+                   "rotation": kind == "opq", "transform": "opq" if kind == "opq" else "", "fit_seconds": round(time.time() - t2, 1),
                    **recall_of(lambda f, i=index: faiss_scores(exact, i, f)),
                    "bytes_per_behaviour": m, "code_bytes_per_behaviour": m}  # fmt: skip
             report(row)
@@ -263,7 +280,7 @@ def run_dataset(name: str, tmp: str, args) -> dict:
 
 
 def table(results: list) -> str:
-    head = (f"{'dataset':10} {'method':9} {'layout':8} {'OPQ':>3} {'S':>3} {'C':>4} {'B/beh':>5} "
+    head = (f"{'dataset':10} {'method':9} {'layout':8} {'transform':>9} {'S':>3} {'C':>4} {'B/beh':>5} "
             f"{'rec@10':>7} {'rec@50':>7} {'sym@10':>7} {'sym@50':>7} {'4K>50':>6} {'n':>6} "
             f"{'test AUC':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
@@ -271,14 +288,14 @@ def table(results: list) -> str:
         for r in res["rows"]:
             auc = f"{r['auc']:.4f}" if "auc" in r else "-"
             if r["method"] == "exact":
-                lines.append(f"{res['dataset']:10} {'exact':9} {'':8} {'':>3} {'':>3} {'':>4} "
+                lines.append(f"{res['dataset']:10} {'exact':9} {'':8} {'':>9} {'':>3} {'':>4} "
                              f"{'':>5} {'1.000':>7} {'1.000':>7} {'':>7} {'':>7} {'':>6} {'':>6} "
                              f"{auc:>8}")  # fmt: skip
                 continue
             sym = r["method"] == "pq"
             lines.append(
                 f"{res['dataset']:10} {r['method']:9} {r.get('layout', 'modality'):8} "
-                f"{'yes' if r.get('rotation') else 'no':>3} {r['S']:>3} {r['C']:>4} "
+                f"{_transform(r) or '-':>9} {r['S']:>3} {r['C']:>4} "
                 f"{r['bytes_per_behaviour']:>5} {r['recall@10']:>7.3f} {r['recall@50']:>7.3f} "
                 f"{r['symmetric_recall@10'] if sym else float('nan'):>7.3f} "
                 f"{r['symmetric_recall@50'] if sym else float('nan'):>7.3f} "
@@ -292,7 +309,13 @@ def _family(r) -> str:
     if r["method"] != "pq":
         return r["method"].replace("faiss-", "FAISS ").upper().replace("FAISS ", "FAISS ")
     label = {"modality": "per modality", "sides": "item/query sides", "fused": "fused key"}
-    return label[r.get("layout", "modality")] + (" + OPQ" if r.get("rotation") else "")
+    names = {"opq": " + OPQ", "score": " + score-aware", "score+opq": " + score-aware + OPQ"}
+    return label[r.get("layout", "modality")] + names.get(_transform(r), "")
+
+
+def _transform(r) -> str:
+    """A row's transform; rows written before the score-aware transform have "rotation"."""
+    return r.get("transform", "opq" if r.get("rotation") else "")
 
 
 def plot(results: list, path: str) -> None:
@@ -339,13 +362,13 @@ def main(argv=None) -> int:
         default=["modality", "layouts", "faiss"],
         choices=["modality", "layouts", "faiss", "default"],
         help="per-modality grid, the sides/fused layouts, FAISS on the fused keys, or "
-        "seminar quantize's default (and it with OPQ) alone",
+        "seminar quantize's default (and the plain fused S=32) alone",
     )
     parser.add_argument("--data", help="an existing `seminar preprocess` output (one data set)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--replot", action="store_true", help="redraw OUT/pq_recall.png only")
     args = parser.parse_args(argv)
-    args.auc_at = {("modality", False, 16, 512), ("fused", True, 32, 256), DEFAULT_AT}
+    args.auc_at = {("modality", "", 16, 512), ("fused", "", 32, 256), DEFAULT_AT}
     if args.replot:
         with open(os.path.join(args.out, "pq_recall.json")) as f:
             plot(json.load(f)["results"], os.path.join(args.out, "pq_recall.png"))

@@ -109,13 +109,50 @@ def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
     return {m: (r, w) for m, (r, w) in found.items() if len(r)}
 
 
+# Score-aware transform: coded vectors are multiplied by S^p, S the second moment of the
+# targets' linear forms u (score = u . x), so k-means spends its error where targets look.
+# p = 1/2 would minimize the mean squared score error; on MovieLens (d = 64, recall 50@50 at
+# 8 B) p = 0.5 gave 0.955, 0.125 0.970, 0.25 0.972 against 0.960 for plain k-means: the top
+# of the ranking cares less for the average error than for the largest ones.
+SCORE_AWARE_POWER = 0.25
+
+
+def target_forms(model, dataset, max_rows: int = 50_000) -> np.ndarray:
+    """The linear forms ``u`` ``[N, d]`` of the GSU scores of the targets in ``dataset``
+    (``exact score(x) = u . x + c``, ``PQScorer._linear_form``), at most ``max_rows``."""
+    scorer = _pq_scorer(model)
+    out, n = [], 0
+    for batch in dataset:
+        t_vec, t_mask, pair = model._encode_target(_features(batch))
+        u, _ = scorer._linear_form(model._gsu_target(t_vec, t_mask, pair))
+        out.append(np.asarray(keras.ops.convert_to_numpy(u), np.float32))
+        n += len(out[-1])
+        if n >= max_rows:
+            break
+    return np.concatenate(out)[:max_rows]
+
+
+def score_aware_transform(forms: np.ndarray, power: float = SCORE_AWARE_POWER) -> np.ndarray:
+    """``S^power`` ``[d, d]`` (symmetric, invertible) of the second moment ``S = E[u u^T]``
+    of target forms ``[N, d]``, its eigenvalues floored at 1e-6 of the largest."""
+    forms = np.asarray(forms, np.float64)
+    moment = forms.T @ forms / max(len(forms), 1)
+    values, vectors = np.linalg.eigh(moment)
+    values = np.maximum(values, max(values.max(), 1e-12) * 1e-6)
+    return ((vectors * values**power) @ vectors.T).astype(np.float32)
+
+
 def fit_codebooks(
-    model, dataset, max_vectors: int = 200_000, seed: int = 0, rotation: bool = False
-) -> dict:
+    model, dataset, max_vectors: int = 200_000, seed: int = 0, rotation: bool = False,
+    score_aware: bool = False,
+) -> dict:  # fmt: skip
     """Fits the codebooks of a ``search="pq"`` model's scorer by k-means on its coded GSU
     vectors (:func:`collect_gsu_vectors`, each distinct vector weighted by how many behaviours
-    had it) and assigns them; with ``rotation``, first an OPQ rotation per coded vector
-    (faiss ``OPQMatrix``), which balances the variance across sub-vectors.
+    had it) and assigns them; with ``score_aware``, the vectors are first multiplied by
+    :func:`score_aware_transform` of the targets' forms in ``dataset`` (the error k-means
+    minimizes is then weighted towards the directions the targets score); with
+    ``rotation``, then by an OPQ rotation per coded vector (faiss ``OPQMatrix``), which
+    balances the variance across sub-vectors. The scorer turns the targets by the inverse.
 
     Returns ``{group: {"vectors": behaviours, "distinct": N, "relative_error":
     sum ||x - q(x)||^2 / sum ||x||^2}}``, the error weighted by behaviours over (at most
@@ -129,14 +166,18 @@ def fit_codebooks(
     books = np.array(keras.ops.convert_to_numpy(scorer.codebooks), np.float32)
     rotations = np.array(keras.ops.convert_to_numpy(scorer.rotations), np.float32)
     e = books.shape[-1]
+    d = rotations.shape[-1]
+    base = score_aware_transform(target_forms(model, dataset)) if score_aware else np.eye(d)
     report = {}
     for i, m in enumerate(scorer.group_names):
         if m not in vectors:
             report[m] = {"vectors": 0, "distinct": 0, "relative_error": None}
+            rotations[i] = base
             continue
         x, w = vectors[m]
+        rotations[i] = base
         if rotation:
-            rotations[i] = opq_rotation(x, w, s, seed=seed + i)
+            rotations[i] = base @ opq_rotation(x @ base, w, s, seed=seed + i)
         sub = (x @ rotations[i]).reshape(len(x), s, e)
         for j in range(s):
             books[i, j] = kmeans(sub[:, j], c, seed=seed + 1000 * i + j, weights=w)
@@ -270,11 +311,13 @@ def quantize_model(
     layout: str = "modality",
     rotation: bool = False,
     shortlist: int = 1,
+    score_aware: bool = False,
 ):
     """A copy of a trained ``search="exact"`` SeminarCTR whose first stage is the ``"pq"``
     scorer (codes of each modality, of the item and query sides, or of the fused key:
     ``layout``), with the same weights and codebooks (after an OPQ rotation with
-    ``rotation``) fitted on ``dataset``; with ``shortlist`` ``r > 1`` its first stage keeps
+    ``rotation``, after the score-aware transform with ``score_aware``: :func:`fit_codebooks`)
+    fitted on ``dataset``; with ``shortlist`` ``r > 1`` its first stage keeps
     the top ``r x K`` by the codes and re-ranks them exactly (``PQScorer``).
 
     Returns ``(pq_model, report)`` with the report of :func:`fit_codebooks`.
@@ -307,7 +350,10 @@ def quantize_model(
     skip = tuple(n for n in (_gsu_names(model) | _gsu_names(copy)) if n.startswith("gsu/"))
     copy_layer_weights(model, copy, skip=skip, what="quantized model")
     copy_layer_weights(scorer.attention, copy.gsu.scorer.attention, what="GSU attention")
-    report = fit_codebooks(copy, dataset, max_vectors=max_vectors, seed=seed, rotation=rotation)
+    report = fit_codebooks(
+        copy, dataset, max_vectors=max_vectors, seed=seed, rotation=rotation,
+        score_aware=score_aware,
+    )  # fmt: skip
     return copy, report
 
 

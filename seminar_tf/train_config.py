@@ -26,10 +26,11 @@ from seminar_tf.spec import DEFAULT_HISTORY, HISTORY_MODES
 # behaviour (docs/quantization.md).
 PQ_DEFAULTS = {
     "layout": "fused",
-    "rotation": False,
+    "rotation": True,
     "num_subvectors": 32,
     "num_centroids": 256,
-    "shortlist": 1,
+    "shortlist": 2,
+    "score_aware": True,
 }
 
 DISTRIBUTE = ("none", "data", "mirrored")

@@ -350,10 +350,12 @@ def quantize(
     layout: str = PQ_DEFAULTS["layout"],
     rotation: bool = PQ_DEFAULTS["rotation"],
     shortlist: int = PQ_DEFAULTS["shortlist"],
+    score_aware: bool = PQ_DEFAULTS["score_aware"],
 ) -> dict:
     """``seminar quantize``: a trained ``search="exact"`` model -> the same model with a
     product-quantized first stage (codebooks by k-means on training histories, of what
-    ``layout`` codes, after an OPQ rotation with ``rotation``; the top ``shortlist x K``
+    ``layout`` codes, after the score-aware transform with ``score_aware`` and an OPQ
+    rotation with ``rotation``; the top ``shortlist x K``
     re-ranked exactly when ``shortlist > 1``), saved as a model directory
     ``out_dir`` that ``seminar evaluate`` and ``seminar export`` take. ``num_subvectors``
     defaults to ``PQ_DEFAULTS["num_subvectors"]`` (32), or the largest divisor of the
@@ -388,7 +390,7 @@ def quantize(
     sample = _codebook_sample(data_dir, cfg, records=records, compact=compact)
     pq_model, fit_report = quantize_model(
         model, sample, num_subvectors, num_centroids, max_vectors, seed, layout, rotation,
-        shortlist,
+        shortlist, score_aware,
     )  # fmt: skip
     t1 = time.time()
     valid = windows(data_dir, "valid", cfg, reader, records, trim=True, compact=compact)
@@ -405,6 +407,7 @@ def quantize(
         "layout": layout,
         "rotation": bool(rotation),
         "shortlist": int(shortlist),
+        "score_aware": bool(score_aware),
         "num_subvectors": num_subvectors,
         "num_centroids": num_centroids,
         "code_bytes_per_behaviour": pq_model.gsu.scorer.code_bytes,

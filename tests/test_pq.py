@@ -114,21 +114,26 @@ def test_encode_codes_picks_the_nearest_centroid_and_marks_absence():
 
 
 @pytest.mark.parametrize(
-    "layout,rotation",
-    [("modality", False), ("sides", False), ("fused", False), ("fused", True), ("sides", True)],
-)
-def test_with_one_centroid_per_vector_pq_equals_exact(exact_model, layout, rotation):
+    "layout,rotation,score_aware",
+    [("modality", False, False), ("sides", False, False), ("fused", False, False),
+     ("fused", True, False), ("sides", True, False), ("fused", False, True),
+     ("sides", True, True)],
+)  # fmt: skip
+def test_with_one_centroid_per_vector_pq_equals_exact(exact_model, layout, rotation, score_aware):
     """Exact codes (a centroid per distinct sub-vector) give the exact first stage whatever
-    is coded (modalities, sides, the fused key) and after an OPQ rotation."""
+    is coded (modalities, sides, the fused key), after an OPQ rotation and after the
+    score-aware transform (the target turned by its inverse)."""
     x = batch()
     pq_model, report = quantize_model(
-        exact_model, [x], num_subvectors=2, num_centroids=4096, layout=layout, rotation=rotation
-    )
+        exact_model, [x], num_subvectors=2, num_centroids=4096, layout=layout, rotation=rotation,
+        score_aware=score_aware,
+    )  # fmt: skip
     rotations = np_(pq_model.gsu.scorer.rotations)
     assert len(rotations) == len(pq_model.gsu.scorer.groups)
-    for r in rotations:  # orthogonal, and away from the identity when learned
-        np.testing.assert_allclose(r @ r.T, np.eye(len(r)), atol=1e-4)
-        assert (np.abs(r - np.eye(len(r))).max() > 1e-3) == rotation
+    for r in rotations:  # orthogonal unless score-aware, away from the identity when learned
+        orthogonal = np.abs(r @ r.T - np.eye(len(r))).max() < 1e-4
+        assert orthogonal != score_aware
+        assert (np.abs(r - np.eye(len(r))).max() > 1e-3) == (rotation or score_aware)
     assert all(r["relative_error"] < 1e-6 for r in report.values() if r["vectors"])
     ref, got = exact_model.retrieve(x), pq_model.retrieve(x)
     np.testing.assert_allclose(np_(got["scores"]), np_(ref["scores"]), atol=1e-4)
@@ -397,3 +402,18 @@ def test_a_shortlist_keeps_its_best_by_exact_score(exact_model):
     assert loaded.shortlist == 2
     with pytest.raises(ValueError, match="shortlist"):
         PQScorer(modalities=("id",), shortlist=0)
+
+
+def test_score_aware_transform_is_the_quarter_power_of_the_targets_second_moment():
+    from seminar_tf.quantization import score_aware_transform
+
+    rng = np.random.default_rng(4)
+    forms = rng.normal(size=(500, 6)) * np.array([4.0, 2.0, 1.0, 1.0, 0.5, 0.0])
+    a = score_aware_transform(forms)
+    moment = forms.T @ forms / len(forms)
+    np.testing.assert_allclose(a, a.T, atol=1e-6)
+    a4 = np.linalg.matrix_power(a.astype(np.float64), 4)
+    # A^4 = S where S has weight; the null direction is floored (A stays invertible).
+    big = np.abs(moment) > 1e-3 * np.abs(moment).max()
+    np.testing.assert_allclose(a4[big], moment[big], rtol=2e-2, atol=2e-3 * moment.max())
+    assert np.linalg.cond(a) < 1e3

@@ -196,7 +196,8 @@ def test_cli_quantize_reports_recall_and_errors_in_one_line(data_dir, tmp_path, 
     # per-query code tables a store keeps instead of per-behaviour codes.
     with open(tmp_path / "pq" / training.QUANTIZATION_FILE) as f:
         report = json.load(f)
-    assert (report["layout"], report["rotation"]) == ("fused", False)
+    assert (report["layout"], report["rotation"], report["score_aware"]) == ("fused", True, True)
+    assert report["shortlist"] == 2
     assert report["code_bytes_per_behaviour"] == 4
     # No --subvectors: 32 does not divide d = 16, so the default takes 16.
     sides = args[:-6] + ["--out", str(tmp_path / "sides"), "--layout", "sides", "--rotation",

@@ -277,6 +277,7 @@ def cmd_quantize(args, extra) -> int:
         args.data, args.model, args.out, num_subvectors=args.subvectors,
         num_centroids=args.centroids, max_vectors=args.max_vectors, seed=args.seed,
         layout=args.layout, rotation=args.rotation, shortlist=args.shortlist,
+        score_aware=args.score_aware,
     )  # fmt: skip
     print(json.dumps(report["valid_gsu_recall"]))
     return 0

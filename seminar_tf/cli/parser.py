@@ -247,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="centroids per codebook (<= 256: one byte a code)",
     )  # fmt: skip
     qz.add_argument(
+        "--score-aware", action=argparse.BooleanOptionalAction,
+        default=PQ_DEFAULTS["score_aware"],
+        help="weight k-means towards the directions the targets score (the coded vectors "
+        "multiplied by S^(1/4), S the second moment of the targets' score forms)",
+    )  # fmt: skip
+    qz.add_argument(
         "--shortlist", type=positive_int, default=PQ_DEFAULTS["shortlist"],
         help="keep the top SHORTLIST x K behaviours by their codes and re-rank them by the "
         "exact score, embedding them again from their ids (1: no re-rank)",

@@ -69,7 +69,8 @@ class PQScorer(ExactScorer):
         layout: what is coded (:func:`code_groups`): ``"modality"`` (each modality vector,
             as above), ``"sides"`` (the item side and the query) or ``"fused"`` (the fused
             key); ``M`` is then the number of coded vectors. Each is turned by its
-            ``rotations`` ``[M, d, d]`` (identity unless set, e.g. OPQ) before it is split.
+            ``rotations`` ``[M, d, d]`` (identity unless set: an OPQ rotation, or the
+            score-aware transform of ``seminar_tf.quantization``) before it is split.
         shortlist: ``r``; with ``r > 1`` a ``SeminarCTR`` (outside training) keeps the top
             ``r x K`` behaviours by their codes, embeds those again from their ids and keeps
             the ``K`` best by the exact score (:meth:`exact_scores`): the quantization only
@@ -173,8 +174,11 @@ class PQScorer(ExactScorer):
         )
 
     def set_rotations(self, rotations) -> None:
-        """Assigns the orthogonal rotations ``[M, d, d]`` applied to each coded vector before
-        it is split into sub-vectors (OPQ; identity by default): ``x -> x @ R``."""
+        """Assigns the invertible transforms ``[M, d, d]`` applied to each coded vector before
+        it is split into sub-vectors (identity by default): ``x -> x @ R``. An orthogonal
+        ``R`` (OPQ) keeps distances; any other (the score-aware transform) changes which
+        errors k-means minimizes, and the target is turned by ``inv(R)^T`` so that scores
+        still approximate ``u . x``."""
         if tuple(rotations.shape) != tuple(self.rotations.shape):
             raise ValueError(
                 f"Rotations of shape {tuple(rotations.shape)} do not fit this scorer "
@@ -275,8 +279,9 @@ class PQScorer(ExactScorer):
         """``(T [B, M, S, C], c [B])``: ``T[b, m, s, j] = u_s . centroid[m, s, j]``."""
         u, c = self._linear_form(ops.cast(target, self.codebooks.dtype))
         e = self.codebooks.shape[-1]
-        # (x R) . (u R) = x . u for an orthogonal R: the target turns with the codes.
-        u = ops.einsum("bd,mdf->bmf", u, self.rotations)
+        # (x R) . (u R^-T) = x . u: the target turns with the codes (R^-T = R when R is
+        # orthogonal, as OPQ's is).
+        u = ops.einsum("bd,mfd->bmf", u, ops.inv(self.rotations))
         u = ops.reshape(u, (-1, len(self.groups), self.num_subvectors, e))
         return ops.einsum("bmse,msce->bmsc", u, self.codebooks), c
 
