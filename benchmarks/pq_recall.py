@@ -41,7 +41,7 @@ from seminar_tf.train_config import PQ_DEFAULTS  # noqa: E402
 
 TOP_K = 50
 KS = (10, 50)
-GRID = [(16, 16), (16, 64), (16, 256), (16, 512), (8, 256), (32, 256)]  # (S, C), per modality
+GRID = [(16, 256), (16, 512)]  # (S, C), per modality (16 x 512: SEMINAR's and the old default)
 # What is coded (issue: quantize what is scored), each (layout, OPQ rotation, S, C).
 # What is coded (issue: quantize what is scored), each (layout, transform, S, C); transform
 # "" (none), "opq" (OPQ rotation), "score" (score-aware), "score+opq" (both).
@@ -139,6 +139,53 @@ def faiss_scores(exact, index, features) -> dict:
         "symmetric": _np(exact.gsu.scorer(target, rebuilt, mask)),
         "mask": mask,
     }
+
+
+SCANN_GRID = (8, 16, 32)  # bytes: 8-bit AH codes (lut256) of 64 / bytes dimensions each
+
+
+def scann_rows(exact, keys, valid, recall_of, tmp) -> list:
+    """ScaNN AH (anisotropic, 8-bit codes) on the same keys: ``benchmarks/scann_codes.py``
+    in its own process (see there); no rows, with a line saying why, where ScaNN is absent.
+    """
+    import subprocess
+
+    encode = np.unique(np.concatenate([k[m] for _, k, m in (fused_keys(exact, f) for f in valid)]),
+                       axis=0)  # fmt: skip
+    path_in, path_out = os.path.join(tmp, "scann_in.npz"), os.path.join(tmp, "scann_out.npz")
+    np.savez(path_in, train=keys[:50_000], encode=encode)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scann_codes.py")
+    lookup = {row.tobytes(): i for i, row in enumerate(encode)}
+    rows = []
+    for size in SCANN_GRID:
+        d = keys.shape[1]
+        t = time.time()
+        done = subprocess.run(
+            [sys.executable, script, path_in, path_out, "--dims-per-block", str(d // size),
+             "--hash", "lut256"], capture_output=True, text=True,
+        )  # fmt: skip
+        if done.returncode:
+            print(f"ScaNN rows skipped: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return rows
+        rebuilt = np.load(path_out)["rebuilt"]
+
+        def score(features, rebuilt=rebuilt):
+            target, k, mask = fused_keys(exact, features)
+            flat = k.reshape(-1, k.shape[-1])
+            index = np.array([lookup.get(r.tobytes(), -1) for r in flat])
+            approx = np.where((index >= 0)[:, None], rebuilt[np.maximum(index, 0)], flat)
+            approx = approx.reshape(k.shape)
+            return {"exact": _np(exact.gsu.scorer(target, k, mask)),
+                    "asymmetric": _np(exact.gsu.scorer(target, approx, mask)),
+                    "symmetric": _np(exact.gsu.scorer(target, approx, mask)), "mask": mask}  # fmt: skip
+
+        rows.append({"S": size, "C": 256, "method": "scann-ah", "layout": "fused",
+                     "transform": "", "fit_seconds": round(time.time() - t, 1),
+                     **recall_of(score), "bytes_per_behaviour": size,
+                     "code_bytes_per_behaviour": size,
+                     "encoded_share_of_training_db": round(len(encode) / (len(encode) + min(
+                         len(keys), 50_000)), 4)})  # fmt: skip
+    return rows
 
 
 def recall_counts(scores: dict, ks=KS, top_k=TOP_K) -> dict:
@@ -259,7 +306,7 @@ def run_dataset(name: str, tmp: str, args) -> dict:
         if (layout, transform, s, c) in args.auc_at or args.auc_all:
             row.update(auc_of(pq_model))
         report(row)
-    if "faiss" in args.parts:
+    if "faiss" in args.parts or "scann" in args.parts:
         keys = []
         for features in sample:
             _, k, m = fused_keys(exact, features)
@@ -268,13 +315,16 @@ def run_dataset(name: str, tmp: str, args) -> dict:
         rng = np.random.default_rng(0)
         if len(keys) > args.max_vectors:
             keys = keys[rng.choice(len(keys), args.max_vectors, replace=False)]
-        for kind, m in FAISS_GRID:
+        for kind, m in FAISS_GRID if "faiss" in args.parts else ():
             t2 = time.time()
             index = faiss_codec(kind, m, keys)
             row = {"S": m, "C": 256, "method": f"faiss-{kind}", "layout": "fused",
                    "rotation": kind == "opq", "transform": "opq" if kind == "opq" else "", "fit_seconds": round(time.time() - t2, 1),
                    **recall_of(lambda f, i=index: faiss_scores(exact, i, f)),
                    "bytes_per_behaviour": m, "code_bytes_per_behaviour": m}  # fmt: skip
+            report(row)
+    if "scann" in args.parts:
+        for row in scann_rows(exact, keys, valid, recall_of, tmp):
             report(row)
     return {"dataset": name, "max_len": args.max_len, "epochs": args.epochs, "rows": rows}
 
@@ -306,6 +356,8 @@ def table(results: list) -> str:
 
 
 def _family(r) -> str:
+    if r["method"] == "scann-ah":
+        return "ScaNN AH"
     if r["method"] != "pq":
         return r["method"].replace("faiss-", "FAISS ").upper().replace("FAISS ", "FAISS ")
     label = {"modality": "per modality", "sides": "item/query sides", "fused": "fused key"}
@@ -359,10 +411,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--parts",
         nargs="+",
-        default=["modality", "layouts", "faiss"],
-        choices=["modality", "layouts", "faiss", "default"],
-        help="per-modality grid, the sides/fused layouts, FAISS on the fused keys, or "
-        "seminar quantize's default (and the plain fused S=32) alone",
+        default=["modality", "layouts", "faiss", "scann"],
+        choices=["modality", "layouts", "faiss", "scann", "default"],
+        help="per-modality grid, the sides/fused layouts, FAISS and ScaNN (when installed: "
+        "pip install scann) on the fused keys, or seminar quantize's default (and the plain "
+        "fused S=32) alone",
     )
     parser.add_argument("--data", help="an existing `seminar preprocess` output (one data set)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))

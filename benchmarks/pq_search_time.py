@@ -5,10 +5,16 @@ lookup-table scores, each followed by the top-K, at lifelong lengths, on any Ker
         [--top-k 50] [--out benchmarks/results]
 
 Rows (median of ``--repeats`` compiled calls after a warm-up, random inputs of the model's
-sizes: d = 64, 4 heads): ``exact`` scores ``[B, L, d]`` keys (the vectors already computed:
-the cheapest exact case), inputs already on the device; ``fused S=32`` and ``per modality 5 x 16, C=512`` score ``[B, L, M,
-S]`` codes (SEMINAR's setting and this project's default). Writes
-``pq_search_time_<backend>.{json,txt}``. Needs no TensorFlow under JAX (the GPU machine).
+sizes: d = 64, 4 heads), inputs already on the device: ``exact`` scores ``[B, L, d]`` keys
+(the vectors already computed: the cheapest exact case) through the scorer's key
+projection; ``exact, linear form`` scores them as ``u . k`` (the target folded into one
+d-vector, ``PQScorer._linear_form``; the same scores) in float32 and with bfloat16 keys;
+``fused S=32`` and ``per modality 5 x 16, C=512`` score ``[B, L, M, S]`` codes (this
+project's default and SEMINAR's setting). Each is timed with one plain ``top_k`` over L
+and with the exact top-K by blocks (``_ops.top_k_by_blocks``, blocks of 32, what the GSU
+uses under JAX at these lengths); ``top-K only`` rows time the top-K of given scores.
+Writes ``pq_search_time_<backend>.{json,txt}``. Needs no TensorFlow under JAX (the GPU
+machine).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from keras import ops  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from seminar_tf.compiled import compiled  # noqa: E402
+from seminar_tf.layers import _ops  # noqa: E402
 from seminar_tf.layers.scorers.exact import ExactScorer  # noqa: E402
 from seminar_tf.layers.scorers.pq import PQScorer  # noqa: E402
 
@@ -57,24 +64,41 @@ def timed(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
+TOP_KS = {  # how the top-K is found
+    "top_k": lambda scores, k: ops.top_k(scores, k),
+    "blocks": lambda scores, k: _ops.top_k_by_blocks(scores, k, 32),
+}
+
+
 def run(lengths, batches, top_k: int, repeats: int, seed: int = 0) -> list:
     rng = np.random.default_rng(seed)
     rows = []
     exact = ExactScorer(num_heads=4)
     exact.build((None, D), (None, None, D))
+
+    def linear(t, k):  # the exact score u . k + c, the target folded into u
+        u, c = PQScorer._linear_form(exact, t)
+        return ops.cast(ops.einsum("bd,bld->bl", ops.cast(u, k.dtype), k), "float32") + c[:, None]
+
+    def add(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for length in lengths:
         for b in batches:
             # Inputs made on the device: the timing is the search, not a host copy.
             target = keras.random.normal((b, D), seed=seed)
             keys = keras.random.normal((b, length, D), seed=seed + 1)
             mask = ops.ones((b, length), dtype="bool")
-
-            def search_exact(t, k, m):
-                return ops.top_k(exact(t, k, m), top_k)
-
-            ms = timed(compiled(search_exact), (target, keys, mask), repeats)
-            rows.append({"L": length, "batch": b, "method": "exact", "ms": round(ms, 3)})
-            del keys
+            scores = keras.random.normal((b, length), seed=seed + 3)
+            methods = {
+                "exact": (lambda t, k, m: exact(t, k, m), (target, keys, mask)),
+                "exact, linear form": (lambda t, k: linear(t, k), (target, keys)),
+                "exact, linear form, bf16 keys": (
+                    lambda t, k: linear(t, k),
+                    (target, ops.cast(keys, "bfloat16")),
+                ),
+            }
             for label, (layout, modalities, s, c) in CODINGS.items():
                 scorer = PQScorer(modalities=modalities, num_subvectors=s, num_centroids=c,
                                   layout=layout, num_heads=4)  # fmt: skip
@@ -83,25 +107,32 @@ def run(lengths, batches, top_k: int, repeats: int, seed: int = 0) -> list:
                 scorer.set_codebooks(rng.normal(size=(m, s, c, D // s)).astype("float32"))
                 codes = keras.random.randint((b, length, m, s), 0, c, seed=seed + 2, dtype="int32")
                 weights = ops.full((b, length, m), 1.0 / m, dtype="float32")
+                methods[label] = (scorer.score_codes, (target, codes, weights))
+            for label, (score, args) in methods.items():
+                for how, select in TOP_KS.items():
 
-                def search_codes(t, k, w, scorer=scorer):
-                    return ops.top_k(scorer.score_codes(t, k, w), top_k)
+                    def search(*a, score=score, select=select):
+                        return select(score(*a), top_k)
 
-                ms = timed(compiled(search_codes), (target, codes, weights), repeats)
-                rows.append({"L": length, "batch": b, "method": label, "ms": round(ms, 3)})
-                del codes
-            for r in rows[-1 - len(CODINGS) :]:
-                print(json.dumps(r), flush=True)
+                    ms = timed(compiled(search), args, repeats)
+                    add({"L": length, "batch": b, "method": label, "top_k": how,
+                         "ms": round(ms, 3)})  # fmt: skip
+            for how, select in TOP_KS.items():
+                ms = timed(compiled(lambda x, select=select: select(x, top_k)), (scores,), repeats)
+                add({"L": length, "batch": b, "method": "top-K only", "top_k": how,
+                     "ms": round(ms, 3)})  # fmt: skip
+            del keys, methods
     return rows
 
 
 def table(rows) -> str:
-    head = f"{'L':>7} {'batch':>5} {'method':36} {'ms':>9} {'x exact':>8}"
+    head = f"{'L':>7} {'batch':>5} {'method':36} {'top-K':>6} {'ms':>9} {'x exact':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        ref = next(x["ms"] for x in rows if (x["L"], x["batch"], x["method"]) ==
-                   (r["L"], r["batch"], "exact"))  # fmt: skip
-        lines.append(f"{r['L']:>7} {r['batch']:>5} {r['method']:36} {r['ms']:>9.3f} "
+        how = r.get("top_k", "top_k")
+        ref = next(x["ms"] for x in rows if (x["L"], x["batch"], x["method"],
+                   x.get("top_k", "top_k")) == (r["L"], r["batch"], "exact", "top_k"))  # fmt: skip
+        lines.append(f"{r['L']:>7} {r['batch']:>5} {r['method']:36} {how:>6} {r['ms']:>9.3f} "
                      f"{ref / r['ms']:>8.2f}")  # fmt: skip
     return "\n".join(lines)
 

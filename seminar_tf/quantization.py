@@ -92,21 +92,33 @@ def collect_gsu_vectors(model, dataset, max_vectors: int = 200_000) -> dict:
 
     Returns ``{group: (vectors [N_g, d], counts [N_g])}``: the distinct vectors and how
     many behaviours had each (a history repeats items and queries)."""
-    found: dict[str, tuple] = {}
+    from seminar_tf.compiled import compiled
+
+    vectors_of = compiled(model.pq_vectors)
+    found: dict[str, list] = {}
+    distinct: dict[str, int] = {}
     for batch in dataset:
-        parts, masks = model.pq_vectors(_features(batch))
+        parts, masks = vectors_of(_features(batch))
         for m, vectors in parts.items():
             present = np.asarray(keras.ops.convert_to_numpy(masks[m]), bool)
             v = np.asarray(keras.ops.convert_to_numpy(vectors), np.float32)[present]
-            rows, weights = distinct_rows(v)
-            if m in found:  # merged as it goes: memory stays O(distinct vectors)
-                rows, weights = distinct_rows(
-                    np.concatenate([found[m][0], rows]), np.concatenate([found[m][1], weights])
-                )
-            found[m] = (rows, weights)
-        if found and min(len(r) for r, _ in found.values()) >= max_vectors:
+            found.setdefault(m, []).append(distinct_rows(v))
+            if len(found[m]) >= 8:  # merged now and then: memory stays O(distinct vectors)
+                found[m] = [_merge(found[m])]
+                distinct[m] = len(found[m][0][0])
+        if distinct and min(distinct.values()) >= max_vectors:
             break
-    return {m: (r, w) for m, (r, w) in found.items() if len(r)}
+    merged = {m: _merge(chunks) for m, chunks in found.items()}
+    return {m: (r, w) for m, (r, w) in merged.items() if len(r)}
+
+
+def _merge(chunks: list) -> tuple:
+    """One ``(distinct rows, summed weights)`` of several."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return distinct_rows(
+        np.concatenate([r for r, _ in chunks]), np.concatenate([w for _, w in chunks])
+    )
 
 
 # Score-aware transform: coded vectors are multiplied by S^p, S the second moment of the
