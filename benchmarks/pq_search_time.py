@@ -108,6 +108,24 @@ def run(lengths, batches, top_k: int, repeats: int, seed: int = 0) -> list:
                 codes = keras.random.randint((b, length, m, s), 0, c, seed=seed + 2, dtype="int32")
                 weights = ops.full((b, length, m), 1.0 / m, dtype="float32")
                 methods[label] = (scorer.score_codes, (target, codes, weights))
+                if layout == "fused":
+                    # Not the model's path: what a byte per code, stored sub-vector major, and
+                    # one gather per sub-vector (no [B, L, S] intermediate) would give.
+                    planar = ops.cast(ops.transpose(codes[:, :, 0], (0, 2, 1)), "uint8")
+
+                    def planar_scores(t, p, scorer=scorer, s=s):
+                        tables, c = scorer.lookup_tables(t)  # [B, M = 1, S, C]
+                        total = c[:, None]
+                        for j in range(s):
+                            total = total + ops.take_along_axis(
+                                tables[:, 0, j], ops.cast(p[:, j], "int32"), axis=1
+                            )
+                        return total
+
+                    methods[label + ", uint8 planar (not the model's)"] = (
+                        planar_scores,
+                        (target, planar),
+                    )
             for label, (score, args) in methods.items():
                 for how, select in TOP_KS.items():
 
