@@ -216,27 +216,11 @@ def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
         assert by_item[c["item_id"]] == pytest.approx(float(probability[i]), rel=1e-5, abs=1e-6)
 
 
-def test_a_shortlist_model_serves_its_exact_re_rank(tiny, tmp_path):
-    """A pq model that re-ranks a shortlist (``seminar quantize --shortlist``) exports and
-    serves what Keras computes, raw (the history's ids are looked up for the re-rank) and
-    encoded, and keeps only exact top-K choices."""
-    import shutil
-
-    import keras
-
-    model_dir = str(tmp_path / "shortlist")
-    shutil.copytree(tiny["pq_model"], model_dir)
-    model = training.load_model(model_dir)
-    model.gsu.scorer.shortlist = model.search_config["shortlist"] = 3  # what quantize writes
-    model.save(os.path.join(model_dir, training.MODEL_FILE))
-    model = training.load_model(model_dir)
-    assert model.shortlist == 3
-    keras.backend.clear_session()
-    writer.export_models(model_dir, str(tmp_path / "export"), version=1)
-    served = {
-        m: tf.saved_model.load(writer.version_dir(str(tmp_path / "export"), m))
-        for m in spec.SERVING_MODELS
-    }
+def test_a_shortlist_model_serves_its_exact_re_rank(tiny, pq_model, loaded):
+    """``seminar quantize``'s default re-ranks a shortlist of 2K: the export serves what Keras
+    computes, encoded and raw (the history's ids are looked up for the re-rank)."""
+    model, served = pq_model, loaded
+    assert model.shortlist == 2
     features = _batch(tiny)
     codes = np.asarray(model.pq_codes(features))
     wanted = spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES + (spec.USER_COUNTS,)
