@@ -74,6 +74,29 @@ def _code_inputs(encoded: bool):
     ]
 
 
+def _retrieve_both(tiny, served, raw, raw_codes, encoded, enc_codes, item):
+    """``(raw, encoded)`` retrieval answers for one history given both ways (strings and
+    ids), against the catalog's ``item`` (its string) as the target."""
+    items = _items(tiny)
+    q = spec.DataSpec.load(tiny["data"]).max_query_tokens
+    raw_out = _call(served, "retrieval", "retrieve", {
+        **raw, CODES: raw_codes, "target_item": np.array([item.encode()], object),
+        "target_query": np.array([b""], object),
+        "target_attributes": _no_attributes(tiny, 1, raw=True)})  # fmt: skip
+    enc_out = _call(served, "retrieval", "retrieve_encoded", {
+        **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
+        "target_item": np.array([items.index(item) + 2]), "target_query": np.array([0]),
+        "target_query_tokens": np.zeros((1, q), np.int64),
+        "target_attributes": _no_attributes(tiny, 1)})  # fmt: skip
+    return raw_out, enc_out
+
+
+def _items(tiny) -> list:
+    """The item vocabulary (id = position + 2)."""
+    vocab = os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])
+    return [line.rstrip("\n") for line in open(vocab, encoding="utf-8")]
+
+
 def test_quantize_writes_a_model_and_its_report(tiny, pq_model):
     with open(os.path.join(tiny["pq_model"], training.QUANTIZATION_FILE)) as f:
         report = json.load(f)
@@ -120,8 +143,7 @@ def test_codes_and_cascade_equal_the_keras_model(tiny, pq_model, loaded):
 
 
 def test_raw_codes_equal_encoded_codes(tiny, loaded):
-    vocab = os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])
-    items = [line.rstrip("\n") for line in open(vocab, encoding="utf-8")]
+    items = _items(tiny)
     history = [{"item_id": items[i * 5 % len(items)], "query": ""} for i in range(9)]
     history.append({"item_id": "never-seen-item", "query": ""})
     raw = pad_histories([history])
@@ -134,17 +156,8 @@ def test_raw_codes_equal_encoded_codes(tiny, loaded):
     enc_codes = _call(loaded, "retrieval", "pq_codes_encoded", encoded)[CODES]
     np.testing.assert_array_equal(raw_codes, enc_codes)
     assert np.all(raw_codes[0, 0] == -1) and np.all(raw_codes[0, 1:, 0] >= 0)
-    # The raw retrieval (which skips the history's lookups: the codes carry its vectors)
-    # keeps what the encoded one keeps.
-    raw_out = _call(loaded, "retrieval", "retrieve", {
-        **raw, CODES: raw_codes, "target_item": np.array([items[4].encode()], object),
-        "target_query": np.array([b""], object),
-        "target_attributes": _no_attributes(tiny, 1, raw=True)})  # fmt: skip
-    enc_out = _call(loaded, "retrieval", "retrieve_encoded", {
-        **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
-        "target_item": np.array([items.index(items[4]) + 2]), "target_query": np.array([0]),
-        "target_query_tokens": np.zeros((1, q), np.int64),
-        "target_attributes": _no_attributes(tiny, 1)})  # fmt: skip
+    # The raw retrieval keeps what the encoded one keeps.
+    raw_out, enc_out = _retrieve_both(tiny, loaded, raw, raw_codes, encoded, enc_codes, items[4])
     for name in ("kept_position", "kept_score", "kept_label"):
         np.testing.assert_allclose(raw_out[name], enc_out[name], rtol=1e-5, atol=1e-6)
     kept = raw_out["kept_position"][0]
@@ -188,8 +201,7 @@ def test_pq_warmup_covers_every_signature_and_replays(tiny, loaded):
 
 
 def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
-    vocab = os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])
-    items = [line.rstrip("\n") for line in open(vocab, encoding="utf-8")]
+    items = _items(tiny)
     history = [{"item_id": items[i * 3 % len(items)], "query": ""} for i in range(12)]
     candidates = [{"item_id": items[4]}, {"item_id": items[9]}, {"item_id": "unknown"}]
     with local_server.LocalServer.from_export(tiny["pq_export"]) as server:
@@ -233,8 +245,7 @@ def test_a_shortlist_model_serves_its_exact_re_rank(tiny, pq_model, loaded):
     probability = _call(served, "ranking", "rank_encoded", {**features, **out})["probability"]
     np.testing.assert_allclose(probability, np.asarray(model(features)), rtol=1e-4, atol=1e-5)
     # Raw: the request's strings are looked up for the re-rank, as the encoded ids are.
-    vocab = os.path.join(tiny["data"], spec.VOCAB_DIR, spec.VOCAB_FILES["item"])
-    items = [line.rstrip("\n") for line in open(vocab, encoding="utf-8")]
+    items = _items(tiny)
     history = [{"item_id": items[i * 7 % len(items)], "query": ""} for i in range(40)]
     raw = pad_histories([history])
     pad = raw["hist_item"].shape[1] - len(history)  # the client pads on the left
@@ -243,15 +254,7 @@ def test_a_shortlist_model_serves_its_exact_re_rank(tiny, pq_model, loaded):
     encoded = {"hist_item": ids, "hist_query": np.zeros_like(ids),
                "hist_query_tokens": np.zeros(ids.shape + (q,), np.int64)}  # fmt: skip
     enc_codes = np.asarray(model.pq_codes(encoded))
-    raw_out = _call(served, "retrieval", "retrieve", {
-        **raw, CODES: enc_codes, "target_item": np.array([items[4].encode()], object),
-        "target_query": np.array([b""], object),
-        "target_attributes": _no_attributes(tiny, 1, raw=True)})  # fmt: skip
-    enc_out = _call(served, "retrieval", "retrieve_encoded", {
-        **encoded, CODES: enc_codes, "hist_label": raw["hist_label"],
-        "target_item": np.array([items.index(items[4]) + 2]), "target_query": np.array([0]),
-        "target_query_tokens": np.zeros((1, q), np.int64),
-        "target_attributes": _no_attributes(tiny, 1)})  # fmt: skip
+    raw_out, enc_out = _retrieve_both(tiny, served, raw, enc_codes, encoded, enc_codes, items[4])
     assert (enc_out["kept_position"] >= 0).sum() == model.top_k
     for name in ("kept_position", "kept_score"):
         np.testing.assert_allclose(raw_out[name], enc_out[name], rtol=1e-5, atol=1e-6)
