@@ -167,7 +167,8 @@ def fit_codebooks(
     balances the variance across sub-vectors. The scorer turns the targets by the inverse.
 
     Returns ``{group: {"vectors": behaviours, "distinct": N, "relative_error":
-    sum ||x - q(x)||^2 / sum ||x||^2}}``, the error weighted by behaviours over (at most
+    sum ||x - q(x)||^2 / sum ||x||^2}}`` (``x`` after the transforms), the error weighted by
+    behaviours over (at most
     20,000 of the most frequent) distinct vectors it was fitted on. A group with no vector
     in the data keeps zero codebooks (and its behaviours score 0 on it).
     """
@@ -182,12 +183,11 @@ def fit_codebooks(
     base = score_aware_transform(target_forms(model, dataset)) if score_aware else np.eye(d)
     report = {}
     for i, m in enumerate(scorer.group_names):
+        rotations[i] = base
         if m not in vectors:
             report[m] = {"vectors": 0, "distinct": 0, "relative_error": None}
-            rotations[i] = base
             continue
         x, w = vectors[m]
-        rotations[i] = base
         if rotation:
             rotations[i] = base @ opq_rotation(x @ base, w, s, seed=seed + i)
         sub = (x @ rotations[i]).reshape(len(x), s, e)
