@@ -126,6 +126,9 @@ def test_pq_export_declares_stored_codes(tiny, pq_model):
 
 
 def test_codes_and_cascade_equal_the_keras_model(tiny, pq_model, loaded):
+    """Stored codes, retrieval and ranking served as Keras computes them; the model is
+    ``seminar quantize``'s default, so its retrieval re-ranks a 2K shortlist exactly."""
+    assert pq_model.shortlist == 2
     features = _batch(tiny)
     codes = _call(loaded, "retrieval", "pq_codes_encoded",
                   _history_inputs(features, _code_inputs(True)))[CODES]  # fmt: skip
@@ -228,23 +231,12 @@ def test_client_ranks_with_stored_codes_over_grpc(tiny, loaded):
         assert by_item[c["item_id"]] == pytest.approx(float(probability[i]), rel=1e-5, abs=1e-6)
 
 
-def test_a_shortlist_model_serves_its_exact_re_rank(tiny, pq_model, loaded):
-    """``seminar quantize``'s default re-ranks a shortlist of 2K: the export serves what Keras
-    computes, encoded and raw (the history's ids are looked up for the re-rank)."""
+def test_a_shortlist_model_serves_its_exact_re_rank_raw_as_encoded(tiny, pq_model, loaded):
+    """The default's 2K shortlist over a history longer than it: the raw retrieval looks the
+    history's strings up for the re-rank and keeps what the encoded one keeps (the encoded
+    cascade against Keras: ``test_codes_and_cascade_equal_the_keras_model``)."""
     model, served = pq_model, loaded
     assert model.shortlist == 2
-    features = _batch(tiny)
-    codes = np.asarray(model.pq_codes(features))
-    wanted = spec.SERVING_TARGET_FEATURES + spec.HISTORY_FEATURES + (spec.USER_COUNTS,)
-    hist = {f.name: features[f.name] for f in wanted}
-    out = _call(served, "retrieval", "retrieve_encoded", {**hist, CODES: codes})
-    want = model.retrieve(features)
-    kept = np.asarray(want["kept_mask"])
-    np.testing.assert_array_equal(out["kept_position"], np.where(kept, want["indices"], -1))
-    np.testing.assert_allclose(out["kept_score"], np.asarray(want["scores"]), rtol=1e-4, atol=1e-4)
-    probability = _call(served, "ranking", "rank_encoded", {**features, **out})["probability"]
-    np.testing.assert_allclose(probability, np.asarray(model(features)), rtol=1e-4, atol=1e-5)
-    # Raw: the request's strings are looked up for the re-rank, as the encoded ids are.
     items = _items(tiny)
     history = [{"item_id": items[i * 7 % len(items)], "query": ""} for i in range(40)]
     raw = pad_histories([history])
